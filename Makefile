@@ -1,0 +1,42 @@
+# Two commands for a fresh machine: `make run` and `make test`. Both set up .venv from the lock first.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
+export PREFECT_SERVER_EPHEMERAL_ENABLED ?= true
+export DVC_NO_ANALYTICS ?= 1
+export NO_ALBUMENTATIONS_UPDATE ?= 1
+export GX_ANALYTICS_ENABLED ?= false
+export PYTHONUNBUFFERED := 1
+
+.PHONY: setup run test lint format lock clean-outputs
+
+setup: $(STAMP)
+
+# pip's local-index warnings ("Location ... is ignored") are noise on these machines; errors still fail the build.
+$(STAMP): requirements.lock pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@echo "Installing the pinned lock into $(VENV) (a few minutes the first time)..."
+	@set -o pipefail; $(PY) -m pip install -q --disable-pip-version-check -r requirements.lock 2>&1 | { grep -v "^WARNING: Location" || true; }
+	@set -o pipefail; $(PY) -m pip install -q --disable-pip-version-check --no-deps -e . 2>&1 | { grep -v "^WARNING: Location" || true; }
+	@touch $@
+
+run: $(STAMP)
+	$(VENV)/bin/roadshift run
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+format: $(STAMP)
+	$(VENV)/bin/ruff format . && $(VENV)/bin/ruff check --fix .
+
+# Re-resolve requirements.in into a scratch venv and write the full pin list.
+lock:
+	rm -rf /tmp/roadshift-lock && $(PYTHON) -m venv /tmp/roadshift-lock
+	/tmp/roadshift-lock/bin/pip install -q -r requirements.in 2>&1 | { grep -v "^WARNING: Location" || true; }
+	{ head -3 requirements.lock; /tmp/roadshift-lock/bin/pip freeze; } > requirements.lock.new && mv requirements.lock.new requirements.lock

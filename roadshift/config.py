@@ -1,0 +1,231 @@
+"""One typed configuration for the whole pipeline, loaded from params.yaml.
+
+Every stage reads its own section; DVC lists the same keys under each stage's
+``params`` so a change to one section re-runs only the stages that read it.
+Unknown keys, wrong types and out-of-range values fail on load, before any work,
+with the offending key spelled out (``finetune.lr``) and the file named.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+DOMAINS: tuple[str, str] = ("source", "target")
+Domain = Literal["source", "target"]
+Split = Literal["train", "val", "test"]
+SPLITS: tuple[str, str, str] = ("train", "val", "test")
+
+
+class ConfigError(ValueError):
+    """A params file that cannot be used, with every problem named by its key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class BaseSection(_Section):
+    seed: int = Field(42, ge=0)
+    image_size: int = Field(64, ge=16, le=1024)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    num_threads: int = Field(0, ge=0, description="torch intra-op threads; 0 = all cores")
+    deterministic: bool = True
+
+
+class SynthSection(_Section):
+    """The embedded synthetic US -> India road-sign dataset."""
+
+    source_per_class: int = Field(220, ge=3, description="source images per class, all splits")
+    target_train_per_class: int = Field(12, ge=1)
+    target_val_per_class: int = Field(6, ge=1)
+    target_test_per_class: int = Field(40, ge=1)
+    image_size: int = Field(64, ge=16, le=512)
+
+
+class DomainData(_Section):
+    path: Path
+    description: str = ""
+
+
+class DataSection(_Section):
+    source: DomainData = DomainData(path=Path("data/raw/source"), description="US roads (MUTCD)")
+    target: DomainData = DomainData(path=Path("data/raw/target"), description="Indian roads (IRC:67)")
+
+    def domain(self, name: str) -> DomainData:
+        return getattr(self, name)
+
+
+class SplitFractions(_Section):
+    train: float = Field(0.7, gt=0, lt=1)
+    val: float = Field(0.15, ge=0, lt=1)
+    test: float = Field(0.15, gt=0, lt=1)
+
+    @model_validator(mode="after")
+    def _sum_to_one(self) -> SplitFractions:
+        total = self.train + self.val + self.test
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(f"train + val + test must sum to 1, got {total:g}")
+        return self
+
+
+class PrepareSection(_Section):
+    extensions: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+    split_fractions: SplitFractions = SplitFractions()
+
+
+class ValidateSection(_Section):
+    min_images_per_class: int = Field(3, ge=1)
+    max_imbalance_ratio: float = Field(20.0, ge=1.0, description="largest / smallest class count")
+    min_image_side: int = Field(16, ge=1)
+    max_image_side: int = Field(8192, ge=1)
+    require_splits: tuple[Split, ...] = ("train", "test")
+
+
+class ModelSection(_Section):
+    architecture: Literal[
+        "mobilenet_v3_small",
+        "mobilenet_v3_large",
+        "resnet18",
+        "resnet34",
+        "resnet50",
+        "efficientnet_b0",
+        "convnext_tiny",
+    ] = "mobilenet_v3_small"
+    weights: str | None = Field(
+        None,
+        description="None (random init), a torchvision weights enum name such as "
+        "IMAGENET1K_V1, or a path to a local state-dict (.safetensors/.pt)",
+    )
+    dropout: float = Field(0.2, ge=0, lt=1)
+
+
+class AugmentSection(_Section):
+    enabled: bool = True
+    scale_min: float = Field(0.7, gt=0, le=1)
+    rotate_limit: int = Field(12, ge=0, le=180)
+    brightness_contrast: float = Field(0.25, ge=0, le=1)
+    hue_saturation: int = Field(10, ge=0, le=180)
+    blur_probability: float = Field(0.2, ge=0, le=1)
+    noise_probability: float = Field(0.2, ge=0, le=1)
+
+
+class TrainSection(_Section):
+    epochs: int = Field(ge=1)
+    batch_size: int = Field(ge=1)
+    lr: float = Field(gt=0, le=10)
+    weight_decay: float = Field(1e-4, ge=0)
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    grad_clip_norm: float | None = Field(None, gt=0)
+    num_workers: int = Field(0, ge=0)
+    augment: AugmentSection = AugmentSection()
+
+
+class PretrainSection(TrainSection):
+    epochs: int = Field(8, ge=1)
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(3e-3, gt=0, le=10)
+
+
+class FinetuneSection(TrainSection):
+    strategy: Literal["feature_extraction", "fine_tune"] = "fine_tune"
+    epochs: int = Field(15, ge=1)
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(1e-3, gt=0, le=10)
+    backbone_lr_factor: float = Field(
+        0.1, gt=0, le=1, description="backbone lr = lr * factor when fine-tuning"
+    )
+
+
+class EvaluateSection(_Section):
+    batch_size: int = Field(128, ge=1)
+
+
+class RegisterSection(_Section):
+    model_name: str = Field("roadshift-road-signs", min_length=1)
+    min_macro_f1: float = Field(0.0, ge=0, le=1, description="absolute floor to become champion")
+    min_improvement: float = Field(
+        0.0, ge=0, le=1, description="macro-F1 margin over the current champion"
+    )
+
+
+class TrackingSection(_Section):
+    tracking_uri: str | None = Field(
+        None, description="MLflow tracking URI; env MLFLOW_TRACKING_URI wins; default: local SQLite"
+    )
+    experiment: str = Field("roadshift", min_length=1)
+
+
+class Params(_Section):
+    base: BaseSection = BaseSection()
+    synth: SynthSection = SynthSection()
+    data: DataSection = DataSection()
+    prepare: PrepareSection = PrepareSection()
+    validate: ValidateSection = ValidateSection()
+    model: ModelSection = ModelSection()
+    pretrain: PretrainSection = PretrainSection()
+    finetune: FinetuneSection = FinetuneSection()
+    evaluate: EvaluateSection = EvaluateSection()
+    register: RegisterSection = RegisterSection()
+    tracking: TrackingSection = TrackingSection()
+
+
+def _format_errors(source: str, error: ValidationError) -> str:
+    lines = [f"{source}: invalid configuration"]
+    for item in error.errors():
+        key = ".".join(str(part) for part in item["loc"]) or "<root>"
+        if item["type"] == "extra_forbidden":
+            lines.append(f"  {key}: unknown key (not a roadshift setting; check the spelling)")
+        else:
+            got = item.get("input")
+            shown = "" if isinstance(got, dict) else f" (got {got!r})"
+            lines.append(f"  {key}: {item['msg']}{shown}")
+    return "\n".join(lines)
+
+
+def parse_params(raw: dict[str, Any], source: str = "params") -> Params:
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as error:
+        raise ConfigError(_format_errors(source, error)) from None
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``section.key=value`` overrides; values are parsed as YAML scalars."""
+    merged: dict[str, Any] = _deep_copy(raw)
+    for override in overrides:
+        if "=" not in override:
+            raise ConfigError(f"override {override!r}: expected KEY=VALUE, e.g. finetune.lr=0.01")
+        dotted, value = override.split("=", 1)
+        node = merged
+        *parents, leaf = dotted.strip().split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {override!r}: {part} is not a section")
+        node[leaf] = yaml.safe_load(value)
+    return merged
+
+
+def _deep_copy(raw: dict[str, Any]) -> dict[str, Any]:
+    return {k: _deep_copy(v) if isinstance(v, dict) else v for k, v in raw.items()}
+
+
+def load_params(path: str | Path = "params.yaml", overrides: list[str] | None = None) -> Params:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: params file not found")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML: {error}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    return parse_params(apply_overrides(raw, overrides or []), source=str(path))
+
+
+def params_to_dict(params: Params) -> dict[str, Any]:
+    return params.model_dump(mode="json")

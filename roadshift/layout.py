@@ -1,0 +1,50 @@
+"""Where each stage reads and writes, relative to the project root.
+
+dvc.yaml names the same paths; keeping them in one place stops the CLI, the
+flows and the tests from drifting apart.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Layout:
+    root: Path
+
+    @property
+    def prepared_dir(self) -> Path:
+        return self.root / "data" / "prepared"
+
+    def manifest(self, domain: str) -> Path:
+        return self.prepared_dir / f"{domain}.csv"
+
+    @property
+    def validation_dir(self) -> Path:
+        return self.root / "reports" / "validation"
+
+    def model_dir(self, name: str) -> Path:
+        """``source`` is the pretrained model, ``target`` the fine-tuned one."""
+        return self.root / "models" / name
+
+    @property
+    def metrics_dir(self) -> Path:
+        return self.root / "metrics"
+
+    def metrics(self, stage: str) -> Path:
+        return self.metrics_dir / f"{stage}.json"
+
+    @property
+    def plots_dir(self) -> Path:
+        return self.root / "plots"
+
+    @property
+    def mlflow_dir(self) -> Path:
+        return self.root / "mlruns"
+
+    def data_pointer(self, domain_path: Path) -> Path:
+        """The ``.dvc`` file DVC writes beside a tracked data folder."""
+        path = domain_path if domain_path.is_absolute() else self.root / domain_path
+        return path.with_name(path.name + ".dvc")
