@@ -21,6 +21,10 @@ class Layout:
     def manifest(self, domain: str) -> Path:
         return self.prepared_dir / f"{domain}.csv"
 
+    def validated_manifest(self, domain: str) -> Path:
+        """A manifest copied here only after it passed validation; training reads these."""
+        return self.root / "data" / "validated" / f"{domain}.csv"
+
     @property
     def validation_dir(self) -> Path:
         return self.root / "reports" / "validation"

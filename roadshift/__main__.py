@@ -1,0 +1,5 @@
+import sys
+
+from roadshift.cli import main
+
+sys.exit(main())

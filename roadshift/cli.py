@@ -1,0 +1,209 @@
+"""``roadshift`` command line: it only assembles config, stage functions and tracking.
+
+Heavy libraries (torch, MLflow, Great Expectations, Prefect) are imported inside
+the command that needs them, so ``roadshift --help`` and config errors are instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from roadshift.config import ConfigError, Params, load_params
+from roadshift.layout import Layout
+
+OFFLINE_ENV = {
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "DVC_NO_ANALYTICS": "1",
+    "NO_ALBUMENTATIONS_UPDATE": "1",
+    "GX_ANALYTICS_ENABLED": "false",
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+}
+
+TRAINING_STAGES = ("pretrain", "finetune", "evaluate")
+STAGES = ("prepare", "validate", *TRAINING_STAGES, "register")
+
+
+def _expected_errors() -> tuple[type[BaseException], ...]:
+    """Errors that mean bad input, shown as one clear message instead of a traceback."""
+    from roadshift.data.manifest import CorruptImageError
+    from roadshift.models import WeightsError
+    from roadshift.stages.finetune import LabelSetMismatchError
+    from roadshift.stages.validate import DataValidationError
+    from roadshift.training import TrainingDivergedError
+
+    return (
+        ConfigError,
+        CorruptImageError,
+        DataValidationError,
+        LabelSetMismatchError,
+        TrainingDivergedError,
+        WeightsError,
+        FileNotFoundError,
+    )
+
+
+def _run_stage_function(stage: str, params: Params, root: Path):
+    from roadshift.tracking import MetricLogger
+
+    log_epoch = MetricLogger()
+    if stage == "prepare":
+        from roadshift.stages.prepare import run_prepare
+
+        return run_prepare(params, root)
+    if stage == "validate":
+        return _validate_and_publish(params, root)
+    if stage == "pretrain":
+        from roadshift.stages.pretrain import run_pretrain
+
+        return run_pretrain(params, root, on_epoch_end=log_epoch)
+    if stage == "finetune":
+        from roadshift.stages.finetune import run_finetune
+
+        return run_finetune(params, root, on_epoch_end=log_epoch)
+    if stage == "evaluate":
+        from roadshift.stages.evaluate import run_evaluate
+
+        return run_evaluate(params, root)
+    if stage == "register":
+        from roadshift.stages.register import run_register
+
+        return run_register(params, root)
+    raise ValueError(f"unknown stage {stage!r}; choose one of {', '.join(STAGES)}")
+
+
+def _validate_and_publish(params: Params, root: Path):
+    """Validate, and only then hand the manifests to training (data/validated/)."""
+    from roadshift.stages.validate import run_validate
+
+    layout = Layout(root)
+    for domain in ("source", "target"):
+        layout.validated_manifest(domain).unlink(missing_ok=True)
+    summary = run_validate(params, root)
+    for domain in ("source", "target"):
+        destination = layout.validated_manifest(domain)
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(layout.manifest(domain), destination)
+    return summary
+
+
+def _log_outcome(outcome) -> None:
+    import mlflow
+
+    metrics = getattr(outcome, "metrics", None)
+    if metrics:
+        mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
+    for path in getattr(outcome, "artifacts", []) or []:
+        if Path(path).is_file():
+            mlflow.log_artifact(str(path))
+    if metrics:
+        width = max(len(k) for k in metrics)
+        for key, value in sorted(metrics.items()):
+            print(f"  {key:<{width}}  {value:.4f}")
+
+
+def command_stage(args: argparse.Namespace) -> int:
+    from roadshift.tracking import configure_tracking, stage_run
+
+    root = Path(args.root).resolve()
+    params = load_params(root / args.params, args.set)
+    configure_tracking(params, root)
+    with stage_run(args.name, params, root):
+        outcome = _run_stage_function(args.name, params, root)
+        _log_outcome(outcome)
+    return 0
+
+
+def command_run(args: argparse.Namespace) -> int:
+    from flows.pipeline import training_pipeline
+
+    root = Path(args.root).resolve()
+    load_params(root / "params.yaml")  # fail on a bad config before any server starts
+    training_pipeline(root=str(root))
+    return 0
+
+
+def command_synth(args: argparse.Namespace) -> int:
+    from roadshift.data.synth import add_target_batch, synthesize_dataset, write_contact_sheet
+
+    root = Path(args.root).resolve()
+    params = load_params(root / args.params)
+    source_dir = root / params.data.source.path
+    target_dir = root / params.data.target.path
+    if args.add_target_batch:
+        count = add_target_batch(
+            target_dir,
+            per_class=args.add_target_batch,
+            image_size=params.synth.image_size,
+            seed=params.base.seed,
+            batch_id=args.batch_id,
+        )
+        print(f"added {count} labelled target images (batch {args.batch_id}) under {target_dir}")
+        return 0
+    if args.if_absent and source_dir.is_dir() and target_dir.is_dir():
+        print(f"data present under {source_dir.parent}; not synthesising (drop --if-absent to redo)")
+        return 0
+    if source_dir.parent != target_dir.parent:
+        raise ConfigError("data.source.path and data.target.path must share a parent to synthesise")
+    counts = synthesize_dataset(source_dir.parent, params.synth, seed=params.base.seed)
+    sheet = write_contact_sheet(
+        {"source": source_dir, "target": target_dir}, root / "reports" / "contact_sheet.png"
+    )
+    print(f"synthesised {counts} images under {source_dir.parent}; contact sheet: {sheet}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="roadshift", description=__doc__.splitlines()[0])
+    parser.add_argument("--root", default=".", help="project root (holds params.yaml, dvc.yaml)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run the whole training pipeline as a Prefect flow")
+    run.set_defaults(handler=command_run)
+
+    stage = sub.add_parser("stage", help="run one pipeline stage (what dvc.yaml calls)")
+    stage.add_argument("name", choices=STAGES)
+    stage.add_argument("--params", default="params.yaml")
+    stage.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a param"
+    )
+    stage.set_defaults(handler=command_stage)
+
+    data = sub.add_parser("data", help="dataset commands").add_subparsers(dest="data_command")
+    synth = data.add_parser("synth", help="write the embedded synthetic US -> India dataset")
+    synth.add_argument("--params", default="params.yaml")
+    synth.add_argument("--if-absent", action="store_true", help="do nothing if data exists")
+    synth.add_argument(
+        "--add-target-batch", type=int, metavar="PER_CLASS", help="add new labelled target images"
+    )
+    synth.add_argument("--batch-id", default="batch1", help="name of the new target batch")
+    synth.set_defaults(handler=command_synth)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    for key, value in OFFLINE_ENV.items():
+        os.environ.setdefault(key, value)
+    args = build_parser().parse_args(argv)
+    handler: Callable[[argparse.Namespace], int] | None = getattr(args, "handler", None)
+    if handler is None:
+        build_parser().print_help()
+        return 2
+    try:
+        return handler(args)
+    except ConfigError as error:
+        print(f"roadshift: {error}", file=sys.stderr)
+        return 2
+    except Exception as error:
+        if isinstance(error, _expected_errors()):
+            print(f"roadshift: {type(error).__name__}: {error}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

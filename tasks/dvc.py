@@ -1,0 +1,74 @@
+"""Prefect tasks over DVC: version the raw data, reproduce one stage, push to the remote.
+
+Stages run through DVC rather than being called directly so that dvc.lock
+records every input and output hash and an unchanged stage is skipped, whether
+the pipeline was started by this flow or by a plain ``dvc repro``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from prefect import task
+
+from roadshift.config import Params
+from roadshift.layout import Layout
+from roadshift.lineage import dvc_data_version
+
+
+@dataclass(frozen=True)
+class StageRun:
+    stage: str
+    ran: bool
+    seconds: float
+
+    @property
+    def status(self) -> str:
+        return "ran" if self.ran else "skipped (inputs unchanged)"
+
+
+def _stage_environment(root: Path) -> None:
+    """DVC runs each stage command in a shell: make sure it finds this interpreter's tools."""
+    bin_dir = str(Path(sys.executable).parent)
+    if bin_dir not in os.environ.get("PATH", "").split(os.pathsep):
+        os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
+
+
+@task(name="version-data")
+def version_data(root: Path, params: Params) -> dict[str, str]:
+    """``dvc add`` each domain folder; a changed folder becomes a new data version."""
+    from dvc.repo import Repo
+
+    layout = Layout(root)
+    targets = [str(root / params.data.domain(domain).path) for domain in ("source", "target")]
+    with Repo(str(root)) as repo:
+        repo.add(targets)
+    versions = {}
+    for domain in ("source", "target"):
+        pointer = layout.data_pointer(params.data.domain(domain).path)
+        versions[domain] = dvc_data_version(pointer) or "unknown"
+    return versions
+
+
+@task(name="dvc-stage")
+def reproduce_stage(root: Path, stage: str) -> StageRun:
+    from dvc.repo import Repo
+
+    _stage_environment(root)
+    started = time.perf_counter()
+    with Repo(str(root)) as repo:
+        reproduced = repo.reproduce(targets=[stage], single_item=True)
+    return StageRun(stage, ran=bool(reproduced), seconds=time.perf_counter() - started)
+
+
+@task(name="dvc-push", retries=2, retry_delay_seconds=5)
+def push_to_remote(root: Path) -> int:
+    """Send data and model versions to the DVC remote so any of them can be reproduced."""
+    from dvc.repo import Repo
+
+    with Repo(str(root)) as repo:
+        return repo.push()

@@ -1,0 +1,19 @@
+"""The pipeline's stages as Prefect tasks; training stages retry on failure."""
+
+from __future__ import annotations
+
+from tasks.dvc import reproduce_stage
+
+prepare = reproduce_stage.with_options(name="prepare")
+validate = reproduce_stage.with_options(name="validate")
+pretrain = reproduce_stage.with_options(name="pretrain", retries=1, retry_delay_seconds=5)
+finetune = reproduce_stage.with_options(name="finetune", retries=1, retry_delay_seconds=5)
+evaluate = reproduce_stage.with_options(name="evaluate", retries=1, retry_delay_seconds=5)
+
+IN_ORDER = (
+    ("prepare", prepare),
+    ("validate", validate),
+    ("pretrain", pretrain),
+    ("finetune", finetune),
+    ("evaluate", evaluate),
+)
