@@ -8,6 +8,7 @@ with the offending key spelled out (``finetune.lr``) and the file named.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
@@ -157,6 +158,11 @@ class TrackingSection(_Section):
         None, description="MLflow tracking URI; env MLFLOW_TRACKING_URI wins; default: local SQLite"
     )
     experiment: str = Field("roadshift", min_length=1)
+
+
+# Section names follow dvc.yaml's stages; two of them ("validate", "register") shadow
+# deprecated BaseModel classmethods, which pydantic warns about and which we never use.
+warnings.filterwarnings("ignore", message='Field name "(validate|register)"', category=UserWarning)
 
 
 class Params(_Section):

@@ -1,0 +1,103 @@
+"""params.yaml is validated on load: bad input fails before any work, naming the key."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from roadshift.config import ConfigError, Params, apply_overrides, load_params
+
+PROJECT_PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
+
+
+def write_params(tmp_path: Path, raw: dict) -> Path:
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def project_raw() -> dict:
+    return yaml.safe_load(PROJECT_PARAMS.read_text())
+
+
+def test_project_params_file_is_valid_and_matches_defaults_shape():
+    params = load_params(PROJECT_PARAMS)
+    assert isinstance(params, Params)
+    assert params.finetune.strategy in {"feature_extraction", "fine_tune"}
+
+
+def test_empty_file_gives_defaults(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("")
+    assert load_params(path) == Params()
+
+
+def test_unknown_key_is_named(tmp_path):
+    raw = project_raw()
+    raw["finetune"]["learning_rate"] = 0.1
+    with pytest.raises(ConfigError, match=r"finetune\.learning_rate: unknown key"):
+        load_params(write_params(tmp_path, raw))
+
+
+def test_unknown_section_is_named(tmp_path):
+    with pytest.raises(ConfigError, match=r"trainer: unknown key"):
+        load_params(write_params(tmp_path, {"trainer": {"epochs": 3}}))
+
+
+def test_mistyped_value_is_named_with_the_value(tmp_path):
+    raw = project_raw()
+    raw["pretrain"]["epochs"] = "many"
+    with pytest.raises(ConfigError, match=r"pretrain\.epochs: .*'many'"):
+        load_params(write_params(tmp_path, raw))
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "value"),
+    [
+        ("finetune", "lr", -1.0),
+        ("base", "image_size", 4),
+        ("finetune", "strategy", "fine_tuning"),
+        ("model", "architecture", "vgg11"),
+    ],
+)
+def test_out_of_range_or_unsupported_value_is_named(tmp_path, section, key, value):
+    raw = project_raw()
+    raw[section][key] = value
+    with pytest.raises(ConfigError, match=rf"{section}\.{key}"):
+        load_params(write_params(tmp_path, raw))
+
+
+def test_error_names_the_file(tmp_path):
+    path = write_params(tmp_path, {"base": {"seed": -3}})
+    with pytest.raises(ConfigError, match=str(path)):
+        load_params(path)
+
+
+def test_split_fractions_must_sum_to_one(tmp_path):
+    raw = {"prepare": {"split_fractions": {"train": 0.8, "val": 0.15, "test": 0.15}}}
+    with pytest.raises(ConfigError, match=r"prepare\.split_fractions: .*sum to 1"):
+        load_params(write_params(tmp_path, raw))
+
+
+def test_missing_file_and_bad_yaml_are_clear(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_params(tmp_path / "absent.yaml")
+    bad = tmp_path / "params.yaml"
+    bad.write_text("base: [unclosed")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_params(bad)
+
+
+def test_overrides_apply_and_are_validated(tmp_path):
+    path = write_params(tmp_path, project_raw())
+    assert load_params(path, ["finetune.lr=0.05"]).finetune.lr == 0.05
+    with pytest.raises(ConfigError, match=r"finetune\.lr"):
+        load_params(path, ["finetune.lr=zero"])
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        apply_overrides({}, ["finetune.lr"])
+
+
+def test_config_is_frozen():
+    params = Params()
+    with pytest.raises(Exception, match="frozen"):
+        params.base.seed = 1  # type: ignore[misc]

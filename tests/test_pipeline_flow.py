@@ -1,0 +1,106 @@
+"""The whole training-pipeline flow, for real: Prefect, DVC in a git repo, MLflow on SQLite."""
+
+from __future__ import annotations
+
+import subprocess
+
+import mlflow
+import numpy as np
+import pytest
+import yaml
+from mlflow import MlflowClient
+
+from tests.conftest import make_project, venv_environment
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory, prefect_server):
+    from flows.pipeline import training_pipeline
+    from tests.conftest import TINY_PARAMS
+
+    root = make_project(tmp_path_factory.mktemp("project"), TINY_PARAMS)
+    result = training_pipeline(root=str(root))
+    return root, result
+
+
+def _client(root) -> MlflowClient:
+    uri = f"sqlite:///{root / 'mlruns' / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    return MlflowClient(uri)
+
+
+def _data_version(pointer) -> str:
+    return yaml.safe_load(pointer.read_text())["outs"][0]["md5"]
+
+
+def test_first_run_runs_every_stage_and_crowns_a_champion(first_run):
+    root, result = first_run
+    assert [run.stage for run in result.stages] == [
+        "prepare", "validate", "pretrain", "finetune", "evaluate",
+    ]
+    assert all(run.ran for run in result.stages)
+    client = _client(root)
+    champion = client.get_model_version_by_alias("tiny-road-signs", "champion")
+    assert champion.version == result.model_version
+    assert {"champion", "challenger"} <= set(result.aliases)
+    for key in ("target_accuracy", "source_only_target_accuracy", "target_macro_f1"):
+        assert 0.0 <= result.metrics[key] <= 1.0
+
+
+def test_champion_lineage_names_the_git_commit_and_each_domains_data_version(first_run):
+    root, _ = first_run
+    champion = _client(root).get_model_version_by_alias("tiny-road-signs", "champion")
+    tags = champion.tags
+    assert tags["data.source.version"] == _data_version(root / "data/raw/source.dvc")
+    assert tags["data.target.version"] == _data_version(root / "data/raw/target.dvc")
+    assert tags["data.source.version"] != tags["data.target.version"]
+    assert len(tags["git.commit"]) == 40
+
+
+def test_champion_loads_from_the_registry_and_predicts(first_run):
+    root, _ = first_run
+    _client(root)
+    model = mlflow.pyfunc.load_model("models:/tiny-road-signs@champion")
+    images = np.random.default_rng(0).integers(0, 255, size=(3, 40, 40, 3), dtype=np.uint8)
+    predictions = model.predict(images)
+    assert len(predictions) == 3
+    assert set(predictions["label"]) <= set(yaml.safe_load(
+        (root / "models/target/model.json").read_text())["class_names"])
+
+
+def test_pipeline_stages_are_nested_mlflow_runs_with_epoch_metrics(first_run):
+    root, result = first_run
+    client = _client(root)
+    parent = client.get_run(result.mlflow_run_id)
+    children = client.search_runs(
+        [parent.info.experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{result.mlflow_run_id}'",
+    )
+    stages = {run.data.tags.get("roadshift.stage") for run in children}
+    assert {"prepare", "validate", "pretrain", "finetune", "evaluate", "register"} <= stages
+    pretrain = next(r for r in children if r.data.tags.get("roadshift.stage") == "pretrain")
+    history = client.get_metric_history(pretrain.info.run_id, "train_loss")
+    assert len(history) == 2  # one point per epoch
+
+
+def test_second_run_with_nothing_changed_skips_training_and_registers_nothing(first_run):
+    from flows.pipeline import training_pipeline
+
+    root, result = first_run
+    again = training_pipeline(root=str(root))
+    assert not any(run.ran for run in again.stages)
+    assert again.model_version == result.model_version
+
+
+def test_dvc_repro_reproduces_the_flows_outputs_bit_for_bit(first_run):
+    root, _ = first_run
+    lock_before = yaml.safe_load((root / "dvc.lock").read_text())
+    subprocess.run(
+        ["dvc", "repro", "--force"], cwd=root, env=venv_environment(), check=True,
+        capture_output=True,
+    )
+    lock_after = yaml.safe_load((root / "dvc.lock").read_text())
+    for stage in ("pretrain", "finetune"):
+        assert lock_after["stages"][stage]["outs"] == lock_before["stages"][stage]["outs"]
