@@ -10,8 +10,12 @@ export DVC_NO_ANALYTICS ?= 1
 export NO_ALBUMENTATIONS_UPDATE ?= 1
 export GX_ANALYTICS_ENABLED ?= false
 export PYTHONUNBUFFERED := 1
+# Flow runs on the temporary server are kept here, so `make prefect-ui` shows them afterwards.
+export PREFECT_HOME ?= $(CURDIR)/.prefect
+# DVC runs each stage as `roadshift stage <name>`: it must find the venv's tools.
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: setup run test lint format lock clean-outputs
+.PHONY: setup data run test lint format lock mlflow-ui prefect-ui
 
 setup: $(STAMP)
 
@@ -23,8 +27,17 @@ $(STAMP): requirements.lock pyproject.toml
 	@set -o pipefail; $(PY) -m pip install -q --disable-pip-version-check --no-deps -e . 2>&1 | { grep -v "^WARNING: Location" || true; }
 	@touch $@
 
-run: $(STAMP)
+data: $(STAMP)
+	$(VENV)/bin/roadshift data synth --if-absent
+
+run: data
 	$(VENV)/bin/roadshift run
+
+mlflow-ui: $(STAMP)
+	$(VENV)/bin/mlflow ui --host 127.0.0.1 --port 5000 --backend-store-uri sqlite:///mlruns/mlflow.db
+
+prefect-ui: $(STAMP)
+	$(VENV)/bin/prefect server start --host 127.0.0.1 --port 4200
 
 test: $(STAMP)
 	$(PY) -m pytest
