@@ -1,0 +1,303 @@
+"""Scan an ImageFolder tree into a manifest: one row per image, decoded once to prove it is whole.
+
+Two layouts are understood:
+
+* ``<domain_dir>/<split>/<class>/<file>`` when every top-level folder is a split name;
+* ``<domain_dir>/<class>/<file>`` otherwise, and each file's split is drawn from its content
+  hash, so a file keeps its split when the dataset grows and byte-identical copies share a split.
+
+Files inside a class folder may sit in sub-folders; the class is always the class folder.
+Hidden files and folders (``.DS_Store``, ``._x.png``, ``.ipynb_checkpoints``) are skipped, as
+are files whose extension is not an image extension.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+from PIL import Image, UnidentifiedImageError
+
+from roadshift.config import SPLITS, PrepareSection, SplitFractions
+
+MANIFEST_COLUMNS = (
+    "path",
+    "domain",
+    "label",
+    "split",
+    "sha256",
+    "width",
+    "height",
+    "mode",
+    "format",
+    "bytes",
+)
+INTEGER_COLUMNS = ("width", "height", "bytes")
+MANIFEST_DTYPES: dict[str, str] = {
+    column: ("int64" if column in INTEGER_COLUMNS else "str") for column in MANIFEST_COLUMNS
+}
+MAX_DECODE_THREADS = 8
+
+
+@dataclass(frozen=True)
+class ImageProblem:
+    path: Path
+    reason: str
+
+
+class CorruptImageError(ValueError):
+    """One or more image files that cannot be decoded; the message lists every one of them."""
+
+    def __init__(self, path: Path, reason: str, more: Sequence[ImageProblem] = ()) -> None:
+        self.path = Path(path)
+        self.reason = reason
+        self.problems: tuple[ImageProblem, ...] = (ImageProblem(self.path, reason), *more)
+        super().__init__(_describe_problems(self.problems))
+
+    @classmethod
+    def from_problems(cls, problems: Sequence[ImageProblem]) -> CorruptImageError:
+        first, *rest = problems
+        return cls(first.path, first.reason, rest)
+
+
+class DatasetLayoutError(FileNotFoundError):
+    """A data folder that does not hold images in an ImageFolder layout.
+
+    A FileNotFoundError so that callers which treat missing inputs as user errors (the CLI)
+    show it as one message rather than a traceback.
+    """
+
+
+def _describe_problems(problems: Sequence[ImageProblem]) -> str:
+    count = len(problems)
+    noun = "file" if count == 1 else "files"
+    header = (
+        f"{count} image {noun} cannot be decoded; remove or replace each one "
+        "(re-export it from the original), then run the prepare stage again:"
+    )
+    return "\n".join([header, *(f"  {p.path}: {p.reason}" for p in problems)])
+
+
+# --- scanning --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ImageFile:
+    path: Path
+    label: str
+    split: str | None  # None: assigned from the content hash (flat layout)
+
+
+def _is_hidden(path: Path) -> bool:
+    return path.name.startswith(".")
+
+
+def _visible_dirs(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_dir() and not _is_hidden(p))
+
+
+def _image_files(folder: Path, extensions: frozenset[str]) -> list[Path]:
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        for name in filenames:
+            if not name.startswith(".") and Path(name).suffix.lower() in extensions:
+                found.append(Path(dirpath) / name)
+    return sorted(found)
+
+
+def _stray_images(folder: Path, extensions: frozenset[str]) -> list[Path]:
+    return sorted(
+        p
+        for p in folder.iterdir()
+        if p.is_file() and not _is_hidden(p) and p.suffix.lower() in extensions
+    )
+
+
+def _class_folder_files(
+    folder: Path, split: str | None, extensions: frozenset[str]
+) -> list[ImageFile]:
+    stray = _stray_images(folder, extensions)
+    if stray:
+        raise DatasetLayoutError(
+            f"{stray[0]}: image outside any class folder ({len(stray)} such file(s) in {folder}); "
+            "move each image into a folder named after its class"
+        )
+    class_dirs = _visible_dirs(folder)
+    if not class_dirs:
+        raise DatasetLayoutError(
+            f"{folder}: no class folders; expected {folder}/<class>/<image> "
+            f"with one of {sorted(extensions)}"
+        )
+    files, empty = [], []
+    for class_dir in class_dirs:
+        images = _image_files(class_dir, extensions)
+        if not images:
+            empty.append(class_dir)
+        files.extend(ImageFile(path, class_dir.name, split) for path in images)
+    if empty:
+        listed = "\n".join(f"  {d}" for d in empty)
+        raise DatasetLayoutError(
+            f"{len(empty)} class folder(s) hold no images with one of {sorted(extensions)}; "
+            f"add images or remove the folder:\n{listed}"
+        )
+    return files
+
+
+def scan_image_folder(domain_dir: Path, extensions: Iterable[str]) -> list[ImageFile]:
+    """List the images of one domain with their class and (split layout only) split."""
+    wanted = frozenset(e.lower() if e.startswith(".") else f".{e.lower()}" for e in extensions)
+    if not domain_dir.is_dir():
+        raise DatasetLayoutError(f"{domain_dir}: data folder not found")
+    top = _visible_dirs(domain_dir)
+    if not top:
+        raise DatasetLayoutError(
+            f"{domain_dir}: no images; expected {domain_dir}/<class>/<image> "
+            f"or {domain_dir}/<split>/<class>/<image>"
+        )
+    split_dirs = [d for d in top if d.name in SPLITS]
+    if not split_dirs:
+        return _class_folder_files(domain_dir, None, wanted)
+    if len(split_dirs) != len(top):
+        others = ", ".join(d.name for d in top if d.name not in SPLITS)
+        raise DatasetLayoutError(
+            f"{domain_dir}: mixes split folders ({', '.join(d.name for d in split_dirs)}) with "
+            f"other folders ({others}); use either <split>/<class>/<image> for every image "
+            "or <class>/<image> for every image"
+        )
+    files: list[ImageFile] = []
+    for split_dir in split_dirs:
+        files.extend(_class_folder_files(split_dir, split_dir.name, wanted))
+    return files
+
+
+# --- hashing, decoding, splitting ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ImageFacts:
+    sha256: str
+    width: int
+    height: int
+    mode: str
+    format: str
+    bytes: int
+
+
+def inspect_image(path: Path) -> ImageFacts | ImageProblem:
+    """Hash the bytes and fully decode them; a problem instead of an exception."""
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        return ImageProblem(path, f"cannot be read ({error.strerror or error})")
+    if not data:
+        return ImageProblem(path, "empty file (0 bytes)")
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+            facts = (image.width, image.height, image.mode, image.format or "")
+    except UnidentifiedImageError:
+        return ImageProblem(path, "not an image Pillow can read (wrong extension or not an image)")
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+        return ImageProblem(path, f"truncated or damaged image data ({error})")
+    width, height, mode, fmt = facts
+    return ImageFacts(hashlib.sha256(data).hexdigest(), width, height, mode, fmt, len(data))
+
+
+def split_for_content(sha256: str, fractions: SplitFractions) -> str:
+    """Map a content hash to a split: stable as the dataset grows, identical bytes alike."""
+    position = int(sha256[:16], 16) / 16**16
+    if position < fractions.train:
+        return "train"
+    if position < fractions.train + fractions.val:
+        return "val"
+    return "test"
+
+
+def _inspect_all(paths: Sequence[Path]) -> list[ImageFacts | ImageProblem]:
+    workers = max(1, min(MAX_DECODE_THREADS, os.cpu_count() or 1, len(paths)))
+    if workers == 1:
+        return [inspect_image(p) for p in paths]
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="manifest") as pool:
+        return list(pool.map(inspect_image, paths))
+
+
+def _relative_posix(path: Path, root: Path) -> str:
+    absolute = path.absolute()
+    try:
+        return absolute.relative_to(root.absolute()).as_posix()
+    except ValueError:
+        return absolute.as_posix()
+
+
+def build_manifest(domain_dir: Path, domain: str, cfg: PrepareSection, root: Path) -> pd.DataFrame:
+    """One row per image of ``domain_dir``; raises CorruptImageError listing every bad file."""
+    files = scan_image_folder(domain_dir, cfg.extensions)
+    results = _inspect_all([f.path for f in files])
+    problems = [r for r in results if isinstance(r, ImageProblem)]
+    if problems:
+        raise CorruptImageError.from_problems(problems)
+    rows = []
+    for file, facts in zip(files, results, strict=True):
+        assert isinstance(facts, ImageFacts)
+        split = file.split or split_for_content(facts.sha256, cfg.split_fractions)
+        rows.append(
+            {
+                "path": _relative_posix(file.path, root),
+                "domain": domain,
+                "label": file.label,
+                "split": split,
+                "sha256": facts.sha256,
+                "width": facts.width,
+                "height": facts.height,
+                "mode": facts.mode,
+                "format": facts.format,
+                "bytes": facts.bytes,
+            }
+        )
+    frame = pd.DataFrame(rows, columns=list(MANIFEST_COLUMNS)).astype(MANIFEST_DTYPES)
+    return frame.sort_values("path", ignore_index=True)
+
+
+# --- files -----------------------------------------------------------------------------------
+
+
+def write_manifest(df: pd.DataFrame, path: Path) -> Path:
+    """Write atomically, so a crash never leaves a half-written manifest for DVC to cache."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    df.loc[:, list(MANIFEST_COLUMNS)].to_csv(tmp, index=False, lineterminator="\n")
+    tmp.replace(path)
+    return path
+
+
+def read_manifest(path: Path, *, strict: bool = True) -> pd.DataFrame:
+    """Read a manifest with its dtypes; ``strict=False`` lets validation report missing columns."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: manifest not found; run the prepare stage first")
+    header = pd.read_csv(path, nrows=0).columns
+    missing = [c for c in MANIFEST_COLUMNS if c not in header]
+    if strict and missing:
+        raise ValueError(
+            f"{path}: manifest lacks column(s) {', '.join(missing)}; run the prepare stage again"
+        )
+    if strict:
+        return pd.read_csv(path, dtype=MANIFEST_DTYPES, keep_default_na=False, na_values=[""])
+    text_columns = {c: "str" for c in header if c not in INTEGER_COLUMNS}
+    frame = pd.read_csv(path, dtype=text_columns, keep_default_na=False, na_values=[""])
+    for column in INTEGER_COLUMNS:
+        if column in frame:
+            frame[column] = pd.to_numeric(frame[column], errors="coerce")
+    return frame
+
+
+def class_names(df: pd.DataFrame) -> tuple[str, ...]:
+    return tuple(sorted(df["label"].dropna().unique()))

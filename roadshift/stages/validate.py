@@ -1,0 +1,509 @@
+"""validate stage: a Great Expectations suite over each domain's manifest, plus cross-domain checks.
+
+Every check runs, failed or not, and the reports under reports/validation/ are written before
+DataValidationError is raised, so a failed run can be read in full. Great Expectations is
+imported inside ``run_validate``: it costs seconds and no other stage needs it.
+
+Two tables are validated per domain, each with its own suite: ``<domain>.images`` (one row per
+manifest row, plus derived columns for leakage and missing files) and ``<domain>.classes`` (one
+row per class with its train-split count), because GX binds a suite to one batch and the
+per-class rules need a per-class row to name the class that breaks them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from roadshift.config import DOMAINS, SPLITS, Params, ValidateSection
+from roadshift.data.manifest import MANIFEST_COLUMNS, read_manifest
+from roadshift.layout import Layout
+
+ACCEPTED_MODES = ("RGB", "L", "RGBA", "P")
+"""Pillow modes the training loader converts to RGB without losing meaning."""
+EXAMPLES_SHOWN = 5
+EXAMPLES_KEPT = 20
+LEAKAGE_COLUMN = "splits_sharing_content"
+EXISTS_COLUMN = "file_exists"
+TRAIN_COUNT_COLUMN = "train_images"
+RATIO_COLUMN = "ratio_to_smallest"
+
+
+class DataValidationError(ValueError):
+    """The data failed validation; the message has one line per failed check."""
+
+    def __init__(self, failures: Sequence[str], report_dir: Path) -> None:
+        self.failures = tuple(failures)
+        self.report_dir = report_dir
+        lines = [
+            f"data validation failed ({len(failures)} problem(s); full report in {report_dir}):"
+        ]
+        lines += [f"  - {line}" for line in failures]
+        super().__init__("\n".join(lines))
+
+
+@dataclass(frozen=True)
+class ValidationSummary:
+    success: bool
+    images: dict[str, dict[str, int]]
+    """domain -> split -> image count (and "total")."""
+    classes: dict[str, dict[str, dict[str, int]]]
+    """domain -> split -> class -> image count."""
+    artifacts: list[Path] = field(default_factory=list)
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        return {
+            f"{domain}_{split}_images": float(count)
+            for domain, splits in self.images.items()
+            for split, count in splits.items()
+        }
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    """One expectation's outcome, flattened for summary.json and the error message."""
+
+    domain: str
+    suite: str
+    expectation: str
+    column: str | None
+    success: bool
+    check: str
+    hint: str
+    unexpected_count: int | None = None
+    element_count: int | None = None
+    examples: list[str] = field(default_factory=list)
+    observed: Any = None
+    error: str | None = None
+
+    def failure_line(self) -> str:
+        where = f"{self.domain} {self.expectation}" + (f" on {self.column}" if self.column else "")
+        return f"{where}: {self.describe()}; fix: {self.hint}"
+
+    def describe(self) -> str:
+        if self.error:
+            return f"could not be checked ({self.error})"
+        shown = ", ".join(self.examples[:EXAMPLES_SHOWN])
+        if self.unexpected_count is not None:
+            rows = "classes" if self.suite.endswith(".classes") else "images"
+            failed = f"{self.unexpected_count} of {self.element_count} {rows} fail"
+            more = " …" if self.unexpected_count > EXAMPLES_SHOWN else ""
+            return f"{failed}, e.g. {shown}{more}" if shown else failed
+        return f"failed ({shown})" if shown else "failed"
+
+
+# --- derived tables --------------------------------------------------------------------------
+
+
+def images_table(manifest: pd.DataFrame, root: Path) -> pd.DataFrame:
+    """The manifest plus a column per derived rule, so GX can name the offending files."""
+    table = manifest.copy()
+    if {"sha256", "split"} <= set(table.columns):
+        table[LEAKAGE_COLUMN] = table.groupby("sha256", dropna=False)["split"].transform("nunique")
+    else:
+        table[LEAKAGE_COLUMN] = 1  # the missing column is reported by its own expectation
+    if "path" in table.columns:
+        table[EXISTS_COLUMN] = [isinstance(p, str) and (root / p).is_file() for p in table["path"]]
+    else:
+        table[EXISTS_COLUMN] = True
+    return table
+
+
+def classes_table(manifest: pd.DataFrame, labels: Sequence[str]) -> pd.DataFrame:
+    """Train-split image count per expected class (0 where a class has none)."""
+    if {"label", "split"} <= set(manifest.columns):
+        train = manifest.loc[manifest["split"] == "train", "label"].value_counts()
+    else:
+        train = pd.Series(dtype="int64")
+    counts = pd.Series([int(train.get(label, 0)) for label in labels], dtype="int64")
+    positive = counts[counts > 0]
+    smallest = int(positive.min()) if len(positive) else 1
+    return pd.DataFrame(
+        {"label": list(labels), TRAIN_COUNT_COLUMN: counts, RATIO_COLUMN: counts / smallest}
+    )
+
+
+# --- suites ----------------------------------------------------------------------------------
+
+
+def _images_expectations(
+    gx: Any, domain: str, labels: Sequence[str], cfg: ValidateSection, data_path: Path
+) -> list[Any]:
+    e = gx.expectations
+    required_splits = sorted(set(cfg.require_splits) | ({"test"} if domain == "target" else set()))
+    side = f"between {cfg.min_image_side} and {cfg.max_image_side} px"
+    side_hint = (
+        f"every side must be {side} (validate.min_image_side / validate.max_image_side); "
+        "resize or remove these images"
+    )
+    return [
+        *(
+            e.ExpectColumnToExist(
+                column=column,
+                meta={
+                    "check": "columns",
+                    "hint": "re-run the prepare stage to rebuild the manifest",
+                },
+            )
+            for column in MANIFEST_COLUMNS
+        ),
+        *(
+            e.ExpectColumnValuesToNotBeNull(
+                column=column,
+                meta={"check": "nulls", "hint": "re-run the prepare stage to rebuild the manifest"},
+            )
+            for column in ("path", "label", "split", "sha256", "width", "height")
+        ),
+        e.ExpectColumnValuesToBeUnique(
+            column="path",
+            meta={"check": "unique_paths", "hint": "re-run the prepare stage"},
+        ),
+        e.ExpectColumnValuesToBeInSet(
+            column="domain",
+            value_set=[domain],
+            meta={"check": "domain", "hint": f"the {domain} manifest must only list {domain} rows"},
+        ),
+        e.ExpectColumnValuesToBeInSet(
+            column="label",
+            value_set=list(labels),
+            meta={"check": "labels", "hint": "class folders must use the shared label set"},
+        ),
+        e.ExpectColumnValuesToBeInSet(
+            column="split",
+            value_set=list(SPLITS),
+            meta={"check": "splits", "hint": f"split folders must be named {', '.join(SPLITS)}"},
+        ),
+        e.ExpectColumnDistinctValuesToContainSet(
+            column="split",
+            value_set=required_splits,
+            meta={
+                "check": "required_splits",
+                "hint": f"add images under {data_path.as_posix()}/<split>/<class>/ "
+                "for each missing split (validate.require_splits; the target test split is "
+                "always required), or use the flat <class>/<image> layout so splits are "
+                "assigned by content hash",
+            },
+        ),
+        *(
+            e.ExpectColumnValuesToBeBetween(
+                column=column,
+                min_value=cfg.min_image_side,
+                max_value=cfg.max_image_side,
+                meta={"check": "image_side", "hint": side_hint},
+            )
+            for column in ("width", "height")
+        ),
+        e.ExpectColumnValuesToBeInSet(
+            column="mode",
+            value_set=list(ACCEPTED_MODES),
+            meta={
+                "check": "mode",
+                "hint": f"convert these images to one of {', '.join(ACCEPTED_MODES)} "
+                "(e.g. 8-bit RGB PNG/JPEG)",
+            },
+        ),
+        e.ExpectColumnValuesToBeBetween(
+            column="bytes",
+            min_value=1,
+            meta={"check": "bytes", "hint": "re-run the prepare stage"},
+        ),
+        e.ExpectColumnValuesToBeInSet(
+            column=LEAKAGE_COLUMN,
+            value_set=[1],
+            meta={
+                "check": "leakage",
+                "hint": "identical image bytes sit in more than one split (train/val/test "
+                "leakage); keep each duplicate in one split only, or delete the copies",
+            },
+        ),
+        e.ExpectColumnValuesToBeInSet(
+            column=EXISTS_COLUMN,
+            value_set=[True],
+            meta={
+                "check": "files_exist",
+                "hint": "the manifest lists files that no longer exist; re-run the prepare stage",
+            },
+        ),
+    ]
+
+
+def _classes_expectations(gx: Any, cfg: ValidateSection) -> list[Any]:
+    e = gx.expectations
+    return [
+        e.ExpectColumnValuesToBeBetween(
+            column=TRAIN_COUNT_COLUMN,
+            min_value=cfg.min_images_per_class,
+            meta={
+                "check": "min_per_class",
+                "hint": f"each class needs at least {cfg.min_images_per_class} train images "
+                "(validate.min_images_per_class); add images to these classes",
+            },
+        ),
+        e.ExpectColumnValuesToBeBetween(
+            column=RATIO_COLUMN,
+            max_value=cfg.max_imbalance_ratio,
+            meta={
+                "check": "imbalance",
+                "hint": f"these classes have more than {cfg.max_imbalance_ratio:g}x the train "
+                "images of the smallest class (validate.max_imbalance_ratio); add images to the "
+                "small classes or subsample the large ones",
+            },
+        ),
+    ]
+
+
+class _GxRunner:
+    """One ephemeral GX context with a pandas datasource; one validation definition per suite."""
+
+    def __init__(self) -> None:
+        os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+        import great_expectations as gx
+        from great_expectations.data_context.types.base import ProgressBarsConfig
+
+        self.gx = gx
+        self.context = gx.get_context(mode="ephemeral")
+        self.context.variables.progress_bars = ProgressBarsConfig(
+            globally=False, metric_calculations=False
+        )
+        self.datasource = self.context.data_sources.add_pandas("roadshift_manifests")
+        self.batches: dict[str, Any] = {}
+
+    def _batch_definition(self, table: str) -> Any:
+        if table not in self.batches:
+            asset = self.datasource.add_dataframe_asset(table)
+            self.batches[table] = asset.add_batch_definition_whole_dataframe(f"{table}_whole")
+        return self.batches[table]
+
+    def validate(
+        self, suite_name: str, table: str, frame: pd.DataFrame, expectations: list[Any], index: str
+    ) -> Any:
+        suite = self.context.suites.add(self.gx.ExpectationSuite(name=suite_name))
+        for expectation in expectations:
+            suite.add_expectation(expectation)
+        definition = self.context.validation_definitions.add(
+            self.gx.ValidationDefinition(
+                name=suite_name, data=self._batch_definition(table), suite=suite
+            )
+        )
+        result_format = {
+            "result_format": "SUMMARY",
+            "partial_unexpected_count": EXAMPLES_KEPT,
+            "unexpected_index_column_names": [index] if index in frame.columns else [],
+        }
+        return definition.run(batch_parameters={"dataframe": frame}, result_format=result_format)
+
+
+# --- results ---------------------------------------------------------------------------------
+
+
+def _example(entry: Any, column: str | None, index: str, check: str) -> str:
+    if not isinstance(entry, dict):
+        return str(entry)
+    name = entry.get(index, "?")
+    if check in {"leakage", "files_exist"} or column is None:
+        return str(name)
+    return f"{name} ({column}={_plain(entry.get(column))})"
+
+
+def _check_result(domain: str, suite: str, result: Any, index: str) -> CheckResult:
+    config = result.expectation_config
+    meta = config.meta or {}
+    column = config.kwargs.get("column")
+    check = meta.get("check", config.type)
+    details = result.result or {}
+    info = result.exception_info or {}
+    error = None
+    if info.get("raised_exception"):
+        error = info.get("exception_message")
+    elif "raised_exception" not in info:  # GX keys errors by metric when several metrics fail
+        messages = [v.get("exception_message") for v in info.values() if isinstance(v, dict)]
+        error = "; ".join(dict.fromkeys(m for m in messages if m)) or None
+    examples = [
+        _example(e, column, index, check)
+        for e in details.get("partial_unexpected_index_list") or []
+    ]
+    if not examples and details.get("partial_missing_list"):
+        examples = [f"missing {value!r}" for value in details["partial_missing_list"]]
+    if config.type == "expect_column_to_exist" and not result.success:
+        examples = ["column missing"]
+    return CheckResult(
+        domain=domain,
+        suite=suite,
+        expectation=config.type,
+        column=column,
+        success=bool(result.success),
+        check=check,
+        hint=meta.get("hint", ""),
+        unexpected_count=details.get("unexpected_count"),
+        element_count=details.get("element_count"),
+        examples=examples,
+        observed=_plain(details.get("observed_value")),
+        error=error,
+    )
+
+
+def _plain(value: Any) -> Any:
+    """numpy scalars and containers to JSON types."""
+    if hasattr(value, "item") and callable(value.item):
+        return value.item()
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple | set):
+        return [_plain(v) for v in value]
+    return value
+
+
+# --- cross-domain ----------------------------------------------------------------------------
+
+
+def _labels(manifest: pd.DataFrame) -> set[str]:
+    return set(manifest["label"].dropna()) if "label" in manifest else set()
+
+
+def cross_domain_failures(source: pd.DataFrame, target: pd.DataFrame) -> tuple[list[str], dict]:
+    """Label sets must match; target test images must not also be source images."""
+    failures, report = [], {}
+    only_source = sorted(_labels(source) - _labels(target))
+    only_target = sorted(_labels(target) - _labels(source))
+    report["label_sets_match"] = not (only_source or only_target)
+    report["only_in_source"], report["only_in_target"] = only_source, only_target
+    if only_source or only_target:
+        in_source, in_target = ", ".join(only_source), ", ".join(only_target)
+        failures.append(
+            f"cross-domain label sets differ: only in source: {in_source or '(none)'}; "
+            f"only in target: {in_target or '(none)'}; "
+            "fix: both domains need a folder for every class (same names), "
+            "or remove the extra classes"
+        )
+    leaked: list[str] = []
+    if {"sha256", "split", "path"} <= set(target.columns) and "sha256" in source:
+        test = target[target["split"] == "test"]
+        leaked = sorted(test.loc[test["sha256"].isin(set(source["sha256"])), "path"])
+    report["target_test_images_also_in_source"] = leaked
+    if leaked:
+        shown = ", ".join(leaked[:EXAMPLES_SHOWN]) + (" …" if len(leaked) > EXAMPLES_SHOWN else "")
+        failures.append(
+            f"cross-domain leakage: {len(leaked)} target test image(s) are byte-identical to "
+            f"source images, e.g. {shown}; fix: remove them from one of the domains"
+        )
+    return failures, report
+
+
+# --- counts, reports -------------------------------------------------------------------------
+
+
+def _counts(manifest: pd.DataFrame) -> tuple[dict[str, int], dict[str, dict[str, int]]]:
+    if not {"split", "label"} <= set(manifest.columns):
+        return {"total": len(manifest)}, {}
+    per_split = {split: int((manifest["split"] == split).sum()) for split in SPLITS}
+    per_split["total"] = len(manifest)
+    per_class = {
+        split: {str(k): int(v) for k, v in group["label"].value_counts().sort_index().items()}
+        for split, group in manifest.groupby("split")
+    }
+    return per_split, per_class
+
+
+def _write_json(path: Path, payload: Any) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def _domain_report(checks: list[CheckResult], images: dict, classes: dict) -> dict:
+    return {
+        "success": all(c.success for c in checks),
+        "images": images,
+        "classes": classes,
+        "expectations": [
+            {
+                "suite": c.suite,
+                "expectation": c.expectation,
+                "column": c.column,
+                "check": c.check,
+                "success": c.success,
+                "unexpected_count": c.unexpected_count,
+                "element_count": c.element_count,
+                "unexpected_examples": c.examples,
+                "observed_value": c.observed,
+                "error": c.error,
+            }
+            for c in checks
+        ],
+    }
+
+
+# --- stage -----------------------------------------------------------------------------------
+
+
+def validate_domain(
+    runner: _GxRunner,
+    domain: str,
+    manifest: pd.DataFrame,
+    labels: Sequence[str],
+    params: Params,
+    root: Path,
+) -> tuple[list[CheckResult], dict[str, Any]]:
+    """Run both suites of one domain; returns flattened checks and GX's own results."""
+    gx = runner.gx
+    images_result = runner.validate(
+        f"{domain}.images",
+        "images",
+        images_table(manifest, root),
+        _images_expectations(gx, domain, labels, params.validate, params.data.domain(domain).path),
+        index="path",
+    )
+    classes_result = runner.validate(
+        f"{domain}.classes",
+        "classes",
+        classes_table(manifest, labels),
+        _classes_expectations(gx, params.validate),
+        index="label",
+    )
+    checks = [_check_result(domain, f"{domain}.images", r, "path") for r in images_result.results]
+    checks += [
+        _check_result(domain, f"{domain}.classes", r, "label") for r in classes_result.results
+    ]
+    gx_json = {"images": images_result.to_json_dict(), "classes": classes_result.to_json_dict()}
+    return checks, gx_json
+
+
+def run_validate(params: Params, root: Path) -> ValidationSummary:
+    layout = Layout(root)
+    manifests = {d: read_manifest(layout.manifest(d), strict=False) for d in DOMAINS}
+    labels = sorted(set().union(*(_labels(m) for m in manifests.values())))
+    runner = _GxRunner()
+    failures: list[str] = []
+    domain_reports, images, classes = {}, {}, {}
+    artifacts = []
+    for domain, manifest in manifests.items():
+        checks, gx_json = validate_domain(runner, domain, manifest, labels, params, root)
+        images[domain], classes[domain] = _counts(manifest)
+        domain_reports[domain] = _domain_report(checks, images[domain], classes[domain])
+        failures += [c.failure_line() for c in checks if not c.success]
+        artifacts.append(_write_json(layout.validation_dir / f"{domain}.json", gx_json))
+    cross_failures, cross_report = cross_domain_failures(manifests["source"], manifests["target"])
+    failures += cross_failures
+    success = not failures
+    summary = {
+        "success": success,
+        "labels": labels,
+        "domains": domain_reports,
+        "cross_domain": {"success": not cross_failures, **cross_report},
+        "failures": failures,
+    }
+    artifacts.append(_write_json(layout.validation_dir / "summary.json", _plain(summary)))
+    metrics = {"images": images, "classes": len(labels), "success": int(success)}
+    artifacts.append(_write_json(layout.metrics("validate"), metrics))
+    if failures:
+        raise DataValidationError(failures, layout.validation_dir)
+    return ValidationSummary(success, images, classes, artifacts)
