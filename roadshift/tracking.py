@@ -1,0 +1,184 @@
+"""MLflow wiring: where runs go, one run per stage, and the per-epoch metric callback.
+
+Nothing here runs at import: the tracking URI and experiment are set by
+``configure_tracking`` inside the CLI or flow, never as a module side effect.
+Stage commands run in DVC's subprocesses; they attach to the flow's parent run
+through the ``ROADSHIFT_PARENT_RUN_ID`` environment variable.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import yaml
+from mlflow.entities import LifecycleStage
+
+from roadshift.config import Params, TrackingSection, params_to_dict
+from roadshift.layout import Layout
+
+TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
+PARENT_RUN_ENV = "ROADSHIFT_PARENT_RUN_ID"
+STAGE_TAG = "roadshift.stage"
+
+
+def _default_store(root: Path) -> Path:
+    return Layout(root.resolve()).mlflow_dir / "mlflow.db"
+
+
+def default_artifact_dir(root: Path) -> Path:
+    return Layout(root.resolve()).mlflow_dir / "artifacts"
+
+
+def resolve_tracking_uri(cfg: TrackingSection, root: Path) -> str:
+    """``MLFLOW_TRACKING_URI``, else ``tracking.tracking_uri``, else ``<root>/mlruns/mlflow.db``."""
+    from_env = os.environ.get(TRACKING_URI_ENV, "").strip()
+    if from_env:
+        return from_env
+    if cfg.tracking_uri:
+        return cfg.tracking_uri
+    return f"sqlite:///{_default_store(root)}"
+
+
+def _artifact_location(tracking_uri: str, root: Path) -> str | None:
+    """Artifacts beside a SQLite store; a tracking server decides for itself.
+
+    Without this a SQLite store puts artifacts in ``./mlruns`` relative to
+    whatever directory the process happened to start in.
+    """
+    if tracking_uri.startswith("sqlite:"):
+        return default_artifact_dir(root).as_uri()
+    return None
+
+
+def _ensure_sqlite_parent(tracking_uri: str) -> None:
+    """SQLAlchemy creates the database file but not its folder."""
+    prefix = "sqlite:///"
+    if tracking_uri.startswith(prefix) and ":memory:" not in tracking_uri:
+        Path(tracking_uri[len(prefix) :]).parent.mkdir(parents=True, exist_ok=True)
+
+
+def _set_tracking_uri_in_process(tracking_uri: str) -> None:
+    """``mlflow.set_tracking_uri`` also exports ``MLFLOW_TRACKING_URI``; undo that.
+
+    Left in the environment, it would outrank the next project's own setting in
+    this process (the environment wins in ``resolve_tracking_uri``). Stage
+    subprocesses resolve the same URI from the same params and root.
+    """
+    before = os.environ.get(TRACKING_URI_ENV)
+    mlflow.set_tracking_uri(tracking_uri)
+    if before is None:
+        os.environ.pop(TRACKING_URI_ENV, None)
+    else:
+        os.environ[TRACKING_URI_ENV] = before
+
+
+def configure_tracking(params: Params, root: Path) -> str:
+    """Point MLflow at the store and experiment for this project; returns the experiment id."""
+    tracking_uri = resolve_tracking_uri(params.tracking, root)
+    _ensure_sqlite_parent(tracking_uri)
+    _set_tracking_uri_in_process(tracking_uri)
+    name = params.tracking.experiment
+    experiment = mlflow.get_experiment_by_name(name)
+    if experiment is None:
+        experiment_id = mlflow.create_experiment(
+            name, artifact_location=_artifact_location(tracking_uri, root)
+        )
+    elif experiment.lifecycle_stage == LifecycleStage.DELETED:
+        raise RuntimeError(
+            f"MLflow experiment {name!r} at {tracking_uri} is deleted; restore it "
+            f"(mlflow experiments restore --experiment-id {experiment.experiment_id}) "
+            "or set tracking.experiment to another name"
+        )
+    else:
+        experiment_id = experiment.experiment_id
+    mlflow.set_experiment(experiment_id=experiment_id)
+    return experiment_id
+
+
+def flatten_params(params: Params | Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """``{"pretrain": {"lr": 0.003}}`` -> ``{"pretrain.lr": "0.003"}``; lists as JSON."""
+    raw = params_to_dict(params) if isinstance(params, Params) else params
+    flat: dict[str, str] = {}
+    for key, value in raw.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten_params(value, prefix=f"{dotted}."))
+        elif isinstance(value, list | tuple):
+            flat[dotted] = json.dumps(list(value))
+        else:
+            flat[dotted] = str(value)
+    return flat
+
+
+def _dvc_stage_param_keys(stage: str, root: Path) -> list[str] | None:
+    """The params keys dvc.yaml lists for ``stage``, so runs and DVC agree on a stage's inputs."""
+    dvc_file = root / "dvc.yaml"
+    if not dvc_file.is_file():
+        return None
+    stages = (yaml.safe_load(dvc_file.read_text()) or {}).get("stages", {})
+    if stage not in stages:
+        return None
+    keys: list[str] = []
+    for entry in stages[stage].get("params", []):
+        if isinstance(entry, str):
+            keys.append(entry)
+        elif isinstance(entry, Mapping):  # {params.yaml: [key, ...]}
+            for listed in entry.values():
+                keys.extend(listed or [])
+    return keys
+
+
+def stage_params(stage: str, params: Params, root: Path) -> dict[str, str]:
+    """The flattened params a stage depends on: dvc.yaml's list, else the stage's own section.
+
+    A name that is neither a DVC stage nor a params section (the pipeline's own
+    run) gets every parameter.
+    """
+    flat = flatten_params(params)
+    keys = _dvc_stage_param_keys(stage, root)
+    if keys is None:
+        keys = [stage] if stage in Params.model_fields else None
+    if keys is None:
+        return flat
+    return {k: v for k, v in flat.items() if any(k == p or k.startswith(p + ".") for p in keys)}
+
+
+@contextmanager
+def stage_run(stage: str, params: Params, root: Path) -> Iterator[mlflow.ActiveRun]:
+    """One MLflow run for one stage, nested under ``ROADSHIFT_PARENT_RUN_ID`` when set.
+
+    Call ``configure_tracking`` first. An exception inside marks the run FAILED
+    and propagates.
+    """
+    parent_run_id = os.environ.get(PARENT_RUN_ENV, "").strip() or None
+    with mlflow.start_run(
+        run_name=stage,
+        parent_run_id=parent_run_id,
+        nested=parent_run_id is not None or mlflow.active_run() is not None,
+        tags={STAGE_TAG: stage},
+    ) as run:
+        mlflow.log_params(stage_params(stage, params, root))
+        yield run
+
+
+class MetricLogger:
+    """The per-epoch callback training code receives: ``log_epoch(metrics, step)``.
+
+    It logs to whichever run is active when called, and refuses to log with no
+    active run rather than letting MLflow silently start a stray one.
+    """
+
+    def __call__(self, metrics: Mapping[str, float], step: int) -> None:
+        self.log_epoch(metrics, step)
+
+    def log_epoch(self, metrics: Mapping[str, float], step: int) -> None:
+        run = mlflow.active_run()
+        if run is None:
+            raise RuntimeError("MetricLogger: no active MLflow run; call it inside stage_run()")
+        mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
