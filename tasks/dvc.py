@@ -7,9 +7,11 @@ the pipeline was started by this flow or by a plain ``dvc repro``.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,21 +33,28 @@ class StageRun:
         return "ran" if self.ran else "skipped (inputs unchanged)"
 
 
-def _stage_environment(root: Path) -> None:
+def _stage_environment() -> None:
     """DVC runs each stage command in a shell: make sure it finds this interpreter's tools."""
     bin_dir = str(Path(sys.executable).parent)
     if bin_dir not in os.environ.get("PATH", "").split(os.pathsep):
         os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
 
 
+@contextmanager
+def _dvc_repo(root: Path):
+    """DVC's Python API resolves stage paths against the working directory, so enter the project."""
+    from dvc.repo import Repo
+
+    with contextlib.chdir(root), Repo(str(root)) as repo:
+        yield repo
+
+
 @task(name="version-data")
 def version_data(root: Path, params: Params) -> dict[str, str]:
     """``dvc add`` each domain folder; a changed folder becomes a new data version."""
-    from dvc.repo import Repo
-
     layout = Layout(root)
     targets = [str(root / params.data.domain(domain).path) for domain in ("source", "target")]
-    with Repo(str(root)) as repo:
+    with _dvc_repo(root) as repo:
         repo.add(targets)
     versions = {}
     for domain in ("source", "target"):
@@ -56,11 +65,9 @@ def version_data(root: Path, params: Params) -> dict[str, str]:
 
 @task(name="dvc-stage")
 def reproduce_stage(root: Path, stage: str) -> StageRun:
-    from dvc.repo import Repo
-
-    _stage_environment(root)
+    _stage_environment()
     started = time.perf_counter()
-    with Repo(str(root)) as repo:
+    with _dvc_repo(root) as repo:
         reproduced = repo.reproduce(targets=[stage], single_item=True)
     return StageRun(stage, ran=bool(reproduced), seconds=time.perf_counter() - started)
 
@@ -68,7 +75,5 @@ def reproduce_stage(root: Path, stage: str) -> StageRun:
 @task(name="dvc-push", retries=2, retry_delay_seconds=5)
 def push_to_remote(root: Path) -> int:
     """Send data and model versions to the DVC remote so any of them can be reproduced."""
-    from dvc.repo import Repo
-
-    with Repo(str(root)) as repo:
+    with _dvc_repo(root) as repo:
         return repo.push()

@@ -63,7 +63,7 @@ def venv_environment() -> dict[str, str]:
 
 def make_project(root: Path, params: dict) -> Path:
     """A fresh git repo holding the pipeline definition, tiny params and tiny synthetic data."""
-    from roadshift.config import parse_params
+    from roadshift.config import params_to_dict, parse_params
     from roadshift.data.synth import synthesize_dataset
 
     root.mkdir(parents=True, exist_ok=True)
@@ -74,8 +74,9 @@ def make_project(root: Path, params: dict) -> Path:
         shutil.copytree(
             PROJECT_ROOT / name, root / name, ignore=shutil.ignore_patterns("__pycache__")
         )
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     parsed = parse_params(params)
+    # DVC reads each stage's params sections from the file itself: write them all out.
+    (root / "params.yaml").write_text(yaml.safe_dump(params_to_dict(parsed), sort_keys=False))
     synthesize_dataset(root / "data" / "raw", parsed.synth, seed=parsed.base.seed)
     git(root, "init", "-q", "-b", "main")
     git(root, "config", "user.name", "roadshift tests")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 
 import mlflow
@@ -25,33 +26,44 @@ def first_run(tmp_path_factory, prefect_server):
     return root, result
 
 
-def _client(root) -> MlflowClient:
-    uri = f"sqlite:///{root / 'mlruns' / 'mlflow.db'}"
-    mlflow.set_tracking_uri(uri)
-    return MlflowClient(uri)
+@pytest.fixture
+def registry_of():
+    """Point MLflow at a project's store for one test, then forget it (set_tracking_uri
+    also writes MLFLOW_TRACKING_URI into the environment, which would leak into later tests)."""
+
+    def point_at(root) -> MlflowClient:
+        uri = f"sqlite:///{root / 'mlruns' / 'mlflow.db'}"
+        mlflow.set_tracking_uri(uri)
+        return MlflowClient(uri)
+
+    yield point_at
+    mlflow.set_tracking_uri(None)
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
 
 
 def _data_version(pointer) -> str:
     return yaml.safe_load(pointer.read_text())["outs"][0]["md5"]
 
 
-def test_first_run_runs_every_stage_and_crowns_a_champion(first_run):
+def test_first_run_runs_every_stage_and_crowns_a_champion(first_run, registry_of):
     root, result = first_run
     assert [run.stage for run in result.stages] == [
         "prepare", "validate", "pretrain", "finetune", "evaluate",
     ]
     assert all(run.ran for run in result.stages)
-    client = _client(root)
+    client = registry_of(root)
     champion = client.get_model_version_by_alias("tiny-road-signs", "champion")
-    assert champion.version == result.model_version
+    assert str(champion.version) == result.model_version
     assert {"champion", "challenger"} <= set(result.aliases)
     for key in ("target_accuracy", "source_only_target_accuracy", "target_macro_f1"):
         assert 0.0 <= result.metrics[key] <= 1.0
 
 
-def test_champion_lineage_names_the_git_commit_and_each_domains_data_version(first_run):
+def test_champion_lineage_names_the_git_commit_and_each_domains_data_version(
+    first_run, registry_of
+):
     root, _ = first_run
-    champion = _client(root).get_model_version_by_alias("tiny-road-signs", "champion")
+    champion = registry_of(root).get_model_version_by_alias("tiny-road-signs", "champion")
     tags = champion.tags
     assert tags["data.source.version"] == _data_version(root / "data/raw/source.dvc")
     assert tags["data.target.version"] == _data_version(root / "data/raw/target.dvc")
@@ -59,9 +71,9 @@ def test_champion_lineage_names_the_git_commit_and_each_domains_data_version(fir
     assert len(tags["git.commit"]) == 40
 
 
-def test_champion_loads_from_the_registry_and_predicts(first_run):
+def test_champion_loads_from_the_registry_and_predicts(first_run, registry_of):
     root, _ = first_run
-    _client(root)
+    registry_of(root)
     model = mlflow.pyfunc.load_model("models:/tiny-road-signs@champion")
     images = np.random.default_rng(0).integers(0, 255, size=(3, 40, 40, 3), dtype=np.uint8)
     predictions = model.predict(images)
@@ -70,9 +82,9 @@ def test_champion_loads_from_the_registry_and_predicts(first_run):
         (root / "models/target/model.json").read_text())["class_names"])
 
 
-def test_pipeline_stages_are_nested_mlflow_runs_with_epoch_metrics(first_run):
+def test_pipeline_stages_are_nested_mlflow_runs_with_epoch_metrics(first_run, registry_of):
     root, result = first_run
-    client = _client(root)
+    client = registry_of(root)
     parent = client.get_run(result.mlflow_run_id)
     children = client.search_runs(
         [parent.info.experiment_id],

@@ -1,0 +1,111 @@
+"""Each stage function on tiny data, without Prefect or DVC: the pure core of the pipeline."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from roadshift.cli import main
+from roadshift.config import parse_params
+from roadshift.layout import Layout
+from roadshift.models import load_model_dir
+from tests.conftest import make_project
+
+
+@pytest.fixture(scope="module")
+def trained_project(tmp_path_factory):
+    """A tiny project taken through every stage up to evaluation, once for this module."""
+    from tests.conftest import TINY_PARAMS
+
+    root = make_project(tmp_path_factory.mktemp("stages"), TINY_PARAMS)
+    for stage in ("prepare", "validate", "pretrain", "finetune", "evaluate"):
+        assert main(["--root", str(root), "stage", stage]) == 0, stage
+    return root
+
+
+def test_prepare_and_validate_hand_validated_manifests_to_training(trained_project):
+    layout = Layout(trained_project)
+    for domain in ("source", "target"):
+        assert layout.validated_manifest(domain).read_bytes() == layout.manifest(domain).read_bytes()
+    assert (layout.validation_dir / "summary.json").is_file()
+
+
+def test_pretrain_and_finetune_write_loadable_models_with_the_shared_label_set(trained_project):
+    layout = Layout(trained_project)
+    _, source_spec = load_model_dir(layout.model_dir("source"))
+    target_model, target_spec = load_model_dir(layout.model_dir("target"))
+    assert source_spec.class_names == target_spec.class_names
+    assert len(target_spec.class_names) == 8
+    logits = target_model(torch.zeros(1, 3, target_spec.image_size, target_spec.image_size))
+    assert logits.shape == (1, 8)
+
+
+def test_evaluate_reports_the_fine_tuned_model_next_to_the_source_only_baseline(trained_project):
+    metrics = json.loads(Layout(trained_project).metrics("evaluate").read_text())
+    for key in (
+        "target_accuracy",
+        "target_macro_f1",
+        "source_only_target_accuracy",
+        "source_only_source_accuracy",
+        "domain_gap_accuracy",
+        "transfer_gain_macro_f1",
+    ):
+        assert key in metrics
+    assert 0 <= metrics["target_accuracy"] <= 1
+
+
+def test_training_is_bitwise_repeatable_on_cpu(trained_project):
+    layout = Layout(trained_project)
+    before = (layout.model_dir("target") / "weights.safetensors").read_bytes()
+    assert main(["--root", str(trained_project), "stage", "finetune"]) == 0
+    assert (layout.model_dir("target") / "weights.safetensors").read_bytes() == before
+
+
+def test_feature_extraction_trains_only_the_head(trained_project):
+    from roadshift.models import head_parameters
+    from roadshift.stages.finetune import trainable_groups
+
+    raw = yaml.safe_load((trained_project / "params.yaml").read_text())
+    raw["finetune"]["strategy"] = "feature_extraction"
+    params = parse_params(raw)
+    model, spec = load_model_dir(Layout(trained_project).model_dir("source"))
+    groups = trainable_groups(model, spec.architecture, params)
+    head_ids = {id(p) for p in head_parameters(model, spec.architecture)}
+    assert [{id(p) for p in g["params"]} for g in groups] == [head_ids]
+    frozen = [p for p in model.parameters() if id(p) not in head_ids]
+    assert frozen and not any(p.requires_grad for p in frozen)
+
+
+def test_fine_tune_unfreezes_all_with_a_smaller_backbone_rate(trained_project):
+    from roadshift.stages.finetune import trainable_groups
+
+    params = parse_params(yaml.safe_load((trained_project / "params.yaml").read_text()))
+    model, spec = load_model_dir(Layout(trained_project).model_dir("source"))
+    backbone, head = trainable_groups(model, spec.architecture, params)
+    assert backbone["lr"] == pytest.approx(params.finetune.lr * params.finetune.backbone_lr_factor)
+    assert head["lr"] == params.finetune.lr
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_a_corrupt_image_stops_prepare_naming_the_file(tmp_path, tiny_params, capsys):
+    root = make_project(tmp_path / "project", tiny_params)
+    victim = next((root / "data/raw/target/train").rglob("*.png"))
+    victim.write_bytes(victim.read_bytes()[:40])
+    assert main(["--root", str(root), "stage", "prepare"]) == 2
+    err = capsys.readouterr().err
+    assert victim.name in err
+    assert "Traceback" not in err
+
+
+def test_a_bad_params_value_stops_before_any_work_naming_the_key(tmp_path, tiny_params, capsys):
+    root = make_project(tmp_path / "project", tiny_params)
+    raw = yaml.safe_load((root / "params.yaml").read_text())
+    raw["pretrain"]["lr"] = -0.1
+    (root / "params.yaml").write_text(yaml.safe_dump(raw))
+    assert main(["--root", str(root), "stage", "pretrain"]) == 2
+    assert "pretrain.lr" in capsys.readouterr().err
+    assert not Path(root / "models").exists()
