@@ -64,13 +64,17 @@ def _comparison_table(metrics: dict[str, float]) -> str:
         "|---|---|---|",
     ]
     for label, tuned, baseline in rows:
-        lines.append(f"| {label} | {metrics.get(tuned, float('nan')):.3f} "
-                     f"| {metrics.get(baseline, float('nan')):.3f} |")
+        lines.append(
+            f"| {label} | {metrics.get(tuned, float('nan')):.3f} "
+            f"| {metrics.get(baseline, float('nan')):.3f} |"
+        )
     return "\n".join(lines)
 
 
 def _summary_markdown(result: PipelineResult) -> str:
-    stages = "\n".join(f"- {run.stage}: {run.status} ({run.seconds:.1f} s)" for run in result.stages)
+    stages = "\n".join(
+        f"- {run.stage}: {run.status} ({run.seconds:.1f} s)" for run in result.stages
+    )
     versions = ", ".join(f"{d}={v}" for d, v in result.data_versions.items())
     gap = result.metrics.get("domain_gap_accuracy", float("nan"))
     return (

@@ -145,7 +145,9 @@ def command_synth(args: argparse.Namespace) -> int:
         print(f"added {count} labelled target images (batch {args.batch_id}) under {target_dir}")
         return 0
     if args.if_absent and source_dir.is_dir() and target_dir.is_dir():
-        print(f"data present under {source_dir.parent}; not synthesising (drop --if-absent to redo)")
+        print(
+            f"data present under {source_dir.parent}; not synthesising (drop --if-absent to redo)"
+        )
         return 0
     if source_dir.parent != target_dir.parent:
         raise ConfigError("data.source.path and data.target.path must share a parent to synthesise")

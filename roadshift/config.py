@@ -54,7 +54,9 @@ class DomainData(_Section):
 
 class DataSection(_Section):
     source: DomainData = DomainData(path=Path("data/raw/source"), description="US roads (MUTCD)")
-    target: DomainData = DomainData(path=Path("data/raw/target"), description="Indian roads (IRC:67)")
+    target: DomainData = DomainData(
+        path=Path("data/raw/target"), description="Indian roads (IRC:67)"
+    )
 
     def domain(self, name: str) -> DomainData:
         return getattr(self, name)

@@ -39,7 +39,9 @@ def classification_report(
     pairs = [(class_names[t], class_names[p]) for t, p in zip(targets, predictions, strict=True)]
     return ClassificationReport(
         accuracy=float(accuracy_score(targets, predictions)),
-        macro_f1=float(f1_score(targets, predictions, labels=labels, average="macro", zero_division=0)),
+        macro_f1=float(
+            f1_score(targets, predictions, labels=labels, average="macro", zero_division=0)
+        ),
         per_class=per_class,
         confusion_pairs=pairs,
     )

@@ -218,13 +218,17 @@ def save_model_dir(model: nn.Module, spec: ModelSpec, directory: Path) -> Path:
     return directory
 
 
-def load_model_dir(directory: Path, device: str | torch.device = "cpu") -> tuple[nn.Module, ModelSpec]:
+def load_model_dir(
+    directory: Path, device: str | torch.device = "cpu"
+) -> tuple[nn.Module, ModelSpec]:
     directory = Path(directory)
     spec_path = directory / "model.json"
     weights_path = directory / "weights.safetensors"
     for required in (spec_path, weights_path):
         if not required.is_file():
-            raise FileNotFoundError(f"{required}: missing; is {directory} a roadshift model folder?")
+            raise FileNotFoundError(
+                f"{required}: missing; is {directory} a roadshift model folder?"
+            )
     spec = ModelSpec.from_json(spec_path.read_text())
     model = create_model(spec.architecture, spec.num_classes)
     model.load_state_dict(load_file(str(weights_path), device="cpu"))

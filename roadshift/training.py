@@ -84,7 +84,9 @@ def make_loader(
 
 
 @torch.no_grad()
-def predict_logits(model: nn.Module, loader: Iterable, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def predict_logits(
+    model: nn.Module, loader: Iterable, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
     model.eval()
     all_logits, all_targets = [], []
     for images, targets in loader:
@@ -116,7 +118,10 @@ def _train_one_epoch(
     set_train_mode(model)
     total_loss, correct, seen = 0.0, 0, 0
     for images, targets in loader:
-        images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+        images, targets = (
+            images.to(device, non_blocking=True),
+            targets.to(device, non_blocking=True),
+        )
         optimizer.zero_grad(set_to_none=True)
         with torch.autocast(device.type, enabled=device.type == "cuda"):
             logits = model(images)

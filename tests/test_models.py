@@ -66,7 +66,7 @@ def test_local_state_dict_file_initialises_the_backbone_but_not_a_mismatched_hea
 
 
 def test_missing_local_weights_file_is_named(tmp_path):
-    with pytest.raises(WeightsError, match="does_not_exist.pt"):
+    with pytest.raises(WeightsError, match=r"does_not_exist\.pt"):
         create_model(ARCH, 3, weights=str(tmp_path / "does_not_exist.pt"))
 
 
@@ -106,5 +106,5 @@ def test_cached_weights_are_never_unpickled_as_objects(torch_home):
     cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
     cached.parent.mkdir(parents=True)
     torch.save({"payload": object()}, cached)
-    with pytest.raises(Exception, match="(?i)weights_only|unsupported"):
+    with pytest.raises(Exception, match=r"(?i)weights_only|unsupported"):
         create_model(ARCH, 3, weights="IMAGENET1K_V1")

@@ -48,7 +48,11 @@ def _data_version(pointer) -> str:
 def test_first_run_runs_every_stage_and_crowns_a_champion(first_run, registry_of):
     root, result = first_run
     assert [run.stage for run in result.stages] == [
-        "prepare", "validate", "pretrain", "finetune", "evaluate",
+        "prepare",
+        "validate",
+        "pretrain",
+        "finetune",
+        "evaluate",
     ]
     assert all(run.ran for run in result.stages)
     client = registry_of(root)
@@ -78,8 +82,9 @@ def test_champion_loads_from_the_registry_and_predicts(first_run, registry_of):
     images = np.random.default_rng(0).integers(0, 255, size=(3, 40, 40, 3), dtype=np.uint8)
     predictions = model.predict(images)
     assert len(predictions) == 3
-    assert set(predictions["label"]) <= set(yaml.safe_load(
-        (root / "models/target/model.json").read_text())["class_names"])
+    assert set(predictions["label"]) <= set(
+        yaml.safe_load((root / "models/target/model.json").read_text())["class_names"]
+    )
 
 
 def test_pipeline_stages_are_nested_mlflow_runs_with_epoch_metrics(first_run, registry_of):
@@ -110,7 +115,10 @@ def test_dvc_repro_reproduces_the_flows_outputs_bit_for_bit(first_run):
     root, _ = first_run
     lock_before = yaml.safe_load((root / "dvc.lock").read_text())
     subprocess.run(
-        ["dvc", "repro", "--force"], cwd=root, env=venv_environment(), check=True,
+        ["dvc", "repro", "--force"],
+        cwd=root,
+        env=venv_environment(),
+        check=True,
         capture_output=True,
     )
     lock_after = yaml.safe_load((root / "dvc.lock").read_text())

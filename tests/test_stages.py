@@ -30,7 +30,9 @@ def trained_project(tmp_path_factory):
 def test_prepare_and_validate_hand_validated_manifests_to_training(trained_project):
     layout = Layout(trained_project)
     for domain in ("source", "target"):
-        assert layout.validated_manifest(domain).read_bytes() == layout.manifest(domain).read_bytes()
+        assert (
+            layout.validated_manifest(domain).read_bytes() == layout.manifest(domain).read_bytes()
+        )
     assert (layout.validation_dir / "summary.json").is_file()
 
 

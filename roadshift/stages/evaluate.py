@@ -30,9 +30,7 @@ def _evaluate_model_dir(
     if loader is None:
         raise ValueError(f"{manifest_path}: no images in the test split to evaluate on")
     logits, targets = predict_logits(model, loader, device)
-    return classification_report(
-        targets.numpy(), logits.argmax(dim=1).numpy(), spec.class_names
-    )
+    return classification_report(targets.numpy(), logits.argmax(dim=1).numpy(), spec.class_names)
 
 
 def _write_confusion_csv(path: Path, report: ClassificationReport) -> Path:
@@ -47,10 +45,19 @@ def _write_confusion_csv(path: Path, report: ClassificationReport) -> Path:
 def run_evaluate(params: Params, root: Path) -> StageOutcome:
     device = configure_runtime(params.base)
     layout = Layout(root)
-    target_manifest, source_manifest = layout.validated_manifest("target"), layout.validated_manifest("source")
-    finetuned = _evaluate_model_dir(layout.model_dir("target"), target_manifest, root, params, device)
-    source_only = _evaluate_model_dir(layout.model_dir("source"), target_manifest, root, params, device)
-    source_home = _evaluate_model_dir(layout.model_dir("source"), source_manifest, root, params, device)
+    target_manifest, source_manifest = (
+        layout.validated_manifest("target"),
+        layout.validated_manifest("source"),
+    )
+    finetuned = _evaluate_model_dir(
+        layout.model_dir("target"), target_manifest, root, params, device
+    )
+    source_only = _evaluate_model_dir(
+        layout.model_dir("source"), target_manifest, root, params, device
+    )
+    source_home = _evaluate_model_dir(
+        layout.model_dir("source"), source_manifest, root, params, device
+    )
     metrics = {
         **finetuned.headline("target"),
         **source_only.headline("source_only_target"),

@@ -37,7 +37,9 @@ def run_pretrain(
     )
     section = params.pretrain
     loaders = {
-        split: eval_loader(manifest, split, root, spec, params.evaluate.batch_size, params.base.seed)
+        split: eval_loader(
+            manifest, split, root, spec, params.evaluate.batch_size, params.base.seed
+        )
         for split in ("val", "test")
     }
     result = fit(
@@ -60,4 +62,6 @@ def run_pretrain(
         metrics["source_test_accuracy"] = accuracy(*predict_logits(model, loaders["test"], device))
     model_dir = save_model_dir(model, spec, layout.model_dir("source"))
     metrics_path = write_json(layout.metrics("pretrain"), metrics)
-    return StageOutcome(metrics, [metrics_path], {"model_dir": model_dir, "history": result.history})
+    return StageOutcome(
+        metrics, [metrics_path], {"model_dir": model_dir, "history": result.history}
+    )

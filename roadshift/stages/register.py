@@ -11,7 +11,9 @@ from roadshift.registry import register_model_dir
 from roadshift.stages.common import StageOutcome, read_json
 
 
-def run_register(params: Params, root: Path, extra_tags: dict[str, str] | None = None) -> StageOutcome:
+def run_register(
+    params: Params, root: Path, extra_tags: dict[str, str] | None = None
+) -> StageOutcome:
     """Call inside an active MLflow run: the model is logged to it."""
     layout = Layout(root)
     metrics = read_json(layout.metrics("evaluate"))
