@@ -8,6 +8,7 @@ the pipeline was started by this flow or by a plain ``dvc repro``.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import sys
 import time
@@ -45,6 +46,8 @@ def _dvc_repo(root: Path):
     """DVC's Python API resolves stage paths against the working directory, so enter the project."""
     from dvc.repo import Repo
 
+    # DVC prints to the console itself; without this Prefect's root handler repeats every line.
+    logging.getLogger("dvc").propagate = False
     with contextlib.chdir(root), Repo(str(root)) as repo:
         yield repo
 
