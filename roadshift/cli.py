@@ -159,6 +159,26 @@ def command_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def command_data_validate(args: argparse.Namespace) -> int:
+    from roadshift.config import Params
+    from roadshift.stages.validate import check_folder
+
+    params_path = Path(args.root) / args.params
+    params = load_params(params_path) if params_path.is_file() else Params()
+    against = Path(args.against) if args.against else None
+    result = check_folder(Path(args.folder), params, domain=args.domain, against=against)
+    if not result.success:
+        print(f"roadshift: data validate: {args.folder}: {len(result.problems)} problem(s)")
+        print("\n".join(result.problems))
+        return 1
+    splits = ", ".join(f"{k} {v}" for k, v in result.images.items() if k != "total")
+    print(
+        f"OK {args.folder}: {result.images['total']} images in {len(result.labels)} classes "
+        f"({splits}); {result.checks_passed} checks passed"
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="roadshift", description=__doc__.splitlines()[0])
     parser.add_argument("--root", default=".", help="project root (holds params.yaml, dvc.yaml)")
@@ -184,6 +204,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     synth.add_argument("--batch-id", default="batch1", help="name of the new target batch")
     synth.set_defaults(handler=command_synth)
+    check = data.add_parser("validate", help="run the data checks on any ImageFolder tree")
+    check.add_argument("folder", help="<class>/<image> or <split>/<class>/<image> tree")
+    check.add_argument("--against", help="other domain's tree: the class sets must match")
+    check.add_argument("--domain", choices=("source", "target"), default="target")
+    check.add_argument("--params", default="params.yaml", help="thresholds; defaults if absent")
+    check.set_defaults(handler=command_data_validate)
     return parser
 
 

@@ -154,11 +154,15 @@ def _decode_image(cell: Any, row: int) -> np.ndarray:
             ) from None
     if not isinstance(cell, bytes | bytearray | memoryview):
         raise ValueError(f"row {row}: expected encoded image bytes, got {type(cell).__name__}")
+    from roadshift.data.images import to_rgb
+
     try:
         with Image.open(io.BytesIO(bytes(cell))) as image:
-            return np.asarray(image.convert("RGB"))
+            return np.asarray(to_rgb(image))  # the training loader's rule: no train/serve skew
     except UnidentifiedImageError:
         raise ValueError(f"row {row}: bytes are not an image Pillow can decode") from None
+    except ValueError as error:
+        raise ValueError(f"row {row}: {error}") from None
 
 
 def probability_column(class_name: str) -> str:

@@ -184,7 +184,7 @@ def test_every_corrupt_image_is_listed_in_one_error(tmp_path):
 
     assert [p.path for p in caught.value.problems] == bad_files
     lines = str(caught.value).splitlines()
-    assert lines[0].startswith("3 image files cannot be decoded")
+    assert lines[0].startswith("3 image files failed the integrity check")
     assert [line.split(": ")[0].strip() for line in lines[1:]] == [str(p) for p in bad_files]
 
 

@@ -92,6 +92,10 @@ def test_a_clean_dataset_passes_and_writes_every_report(project):
     for domain in ("source", "target"):
         gx_result = json.loads((layout.validation_dir / f"{domain}.json").read_text())
         assert gx_result["images"]["success"] and gx_result["classes"]["success"]
+    html = (layout.validation_dir / "index.html").read_text()
+    assert 'Data validation: <span class="pass">PASS</span>' in html
+    assert html.count("<h2>source: ") == 1 and html.count("<h2>target: ") == 1
+    assert "expect_column_values_to_be_in_set" in html and "http" not in html
     metrics = json.loads(layout.metrics("validate").read_text())
     assert metrics["images"]["source"]["train"] == 12
     assert metrics["classes"] == 3
@@ -114,6 +118,8 @@ def test_the_same_image_bytes_in_train_and_test_is_leakage_naming_both_files(pro
 
     message = failure_of(project)
 
+    html = (Layout(project).validation_dir / "index.html").read_text()
+    assert "FAIL" in html and "data/raw/target/test/stop/copy_of_train.png" in html
     leakage = [line for line in message.splitlines() if "splits_sharing_content" in line]
     assert len(leakage) == 1
     assert "target expect_column_values_to_be_in_set" in leakage[0]

@@ -11,11 +11,13 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from roadshift.data.images import to_rgb
+
 
 def load_rgb(path: Path) -> np.ndarray:
-    """Decode to HxWx3 uint8; grey, palette and alpha images are converted to RGB."""
+    """Decode to HxWx3 uint8 by the documented per-mode rule (``roadshift.data.images``)."""
     with Image.open(path) as image:
-        return np.asarray(image.convert("RGB"))
+        return np.asarray(to_rgb(image))
 
 
 class ManifestDataset(Dataset):
@@ -28,7 +30,9 @@ class ManifestDataset(Dataset):
     ) -> None:
         unknown = sorted(set(manifest["label"]) - set(class_names))
         if unknown:
-            raise ValueError(f"labels {unknown} are not among the model's classes {list(class_names)}")
+            raise ValueError(
+                f"labels {unknown} are not among the model's classes {list(class_names)}"
+            )
         index = {name: i for i, name in enumerate(class_names)}
         self.paths = [root / p for p in manifest["path"]]
         self.targets = torch.tensor([index[label] for label in manifest["label"]], dtype=torch.long)

@@ -9,6 +9,13 @@ Two layouts are understood:
 Files inside a class folder may sit in sub-folders; the class is always the class folder.
 Hidden files and folders (``.DS_Store``, ``._x.png``, ``.ipynb_checkpoints``) are skipped, as
 are files whose extension is not an image extension.
+
+Integrity rules (README, "Bring your own data"): every file is read, hashed and fully decoded.
+Empty, truncated and non-image files are rejected; so are pixel modes ``to_rgb`` has no rule
+for (``roadshift.data.images``) and files whose real format is not one the configured
+extensions stand for. A file whose extension names another accepted format (a JPEG saved as
+``.png``) is accepted: Pillow reads the content, not the name, and the ``format`` column
+records what the bytes really are.
 """
 
 from __future__ import annotations
@@ -19,12 +26,15 @@ import os
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import pandas as pd
 from PIL import Image, UnidentifiedImageError
+from PIL import ImageFile as PilImageFile
 
 from roadshift.config import SPLITS, PrepareSection, SplitFractions
+from roadshift.data.images import formats_for_extensions, rejected_mode_reason
 
 MANIFEST_COLUMNS = (
     "path",
@@ -52,7 +62,7 @@ class ImageProblem:
 
 
 class CorruptImageError(ValueError):
-    """One or more image files that cannot be decoded; the message lists every one of them."""
+    """Image files that fail the integrity rules; the message lists every one of them."""
 
     def __init__(self, path: Path, reason: str, more: Sequence[ImageProblem] = ()) -> None:
         self.path = Path(path)
@@ -78,7 +88,7 @@ def _describe_problems(problems: Sequence[ImageProblem]) -> str:
     count = len(problems)
     noun = "file" if count == 1 else "files"
     header = (
-        f"{count} image {noun} cannot be decoded; remove or replace each one "
+        f"{count} image {noun} failed the integrity check; remove or replace each one "
         "(re-export it from the original), then run the prepare stage again:"
     )
     return "\n".join([header, *(f"  {p.path}: {p.reason}" for p in problems)])
@@ -190,8 +200,12 @@ class ImageFacts:
     bytes: int
 
 
-def inspect_image(path: Path) -> ImageFacts | ImageProblem:
+def inspect_image(
+    path: Path, accepted_formats: frozenset[str] | None = None
+) -> ImageFacts | ImageProblem:
     """Hash the bytes and fully decode them; a problem instead of an exception."""
+    if PilImageFile.LOAD_TRUNCATED_IMAGES:
+        raise RuntimeError("PIL.ImageFile.LOAD_TRUNCATED_IMAGES is set: truncation would pass")
     try:
         data = path.read_bytes()
     except OSError as error:
@@ -207,7 +221,20 @@ def inspect_image(path: Path) -> ImageFacts | ImageProblem:
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
         return ImageProblem(path, f"truncated or damaged image data ({error})")
     width, height, mode, fmt = facts
+    refused = rejected_mode_reason(mode) or _format_problem(path, fmt, accepted_formats)
+    if refused:
+        return ImageProblem(path, refused)
     return ImageFacts(hashlib.sha256(data).hexdigest(), width, height, mode, fmt, len(data))
+
+
+def _format_problem(path: Path, fmt: str, accepted_formats: frozenset[str] | None) -> str | None:
+    if accepted_formats is None or fmt in accepted_formats:
+        return None
+    return (
+        f"holds {fmt or 'unknown'} data (extension {path.suffix}), not one of the accepted "
+        f"formats {', '.join(sorted(accepted_formats))} (prepare.extensions); "
+        "convert it to PNG or JPEG"
+    )
 
 
 def split_for_content(sha256: str, fractions: SplitFractions) -> str:
@@ -220,12 +247,16 @@ def split_for_content(sha256: str, fractions: SplitFractions) -> str:
     return "test"
 
 
-def _inspect_all(paths: Sequence[Path]) -> list[ImageFacts | ImageProblem]:
+def inspect_images(
+    paths: Sequence[Path], accepted_formats: frozenset[str] | None = None
+) -> list[ImageFacts | ImageProblem]:
+    """``inspect_image`` over many files; decoders release the GIL, so threads scale."""
+    inspect = partial(inspect_image, accepted_formats=accepted_formats)
     workers = max(1, min(MAX_DECODE_THREADS, os.cpu_count() or 1, len(paths)))
     if workers == 1:
-        return [inspect_image(p) for p in paths]
+        return [inspect(p) for p in paths]
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="manifest") as pool:
-        return list(pool.map(inspect_image, paths))
+        return list(pool.map(inspect, paths))
 
 
 def _relative_posix(path: Path, root: Path) -> str:
@@ -238,14 +269,24 @@ def _relative_posix(path: Path, root: Path) -> str:
 
 def build_manifest(domain_dir: Path, domain: str, cfg: PrepareSection, root: Path) -> pd.DataFrame:
     """One row per image of ``domain_dir``; raises CorruptImageError listing every bad file."""
-    files = scan_image_folder(domain_dir, cfg.extensions)
-    results = _inspect_all([f.path for f in files])
-    problems = [r for r in results if isinstance(r, ImageProblem)]
+    frame, problems = build_manifest_with_problems(domain_dir, domain, cfg, root)
     if problems:
         raise CorruptImageError.from_problems(problems)
+    return frame
+
+
+def build_manifest_with_problems(
+    domain_dir: Path, domain: str, cfg: PrepareSection, root: Path
+) -> tuple[pd.DataFrame, list[ImageProblem]]:
+    """The manifest of the files that pass the integrity rules, and a problem per other file."""
+    files = scan_image_folder(domain_dir, cfg.extensions)
+    accepted_formats = frozenset(formats_for_extensions(cfg.extensions))
+    results = inspect_images([f.path for f in files], accepted_formats)
+    problems = [r for r in results if isinstance(r, ImageProblem)]
     rows = []
     for file, facts in zip(files, results, strict=True):
-        assert isinstance(facts, ImageFacts)
+        if isinstance(facts, ImageProblem):
+            continue
         split = file.split or split_for_content(facts.sha256, cfg.split_fractions)
         rows.append(
             {
@@ -262,7 +303,7 @@ def build_manifest(domain_dir: Path, domain: str, cfg: PrepareSection, root: Pat
             }
         )
     frame = pd.DataFrame(rows, columns=list(MANIFEST_COLUMNS)).astype(MANIFEST_DTYPES)
-    return frame.sort_values("path", ignore_index=True)
+    return frame.sort_values("path", ignore_index=True), problems
 
 
 # --- files -----------------------------------------------------------------------------------

@@ -22,11 +22,17 @@ from typing import Any
 import pandas as pd
 
 from roadshift.config import DOMAINS, SPLITS, Params, ValidateSection
-from roadshift.data.manifest import MANIFEST_COLUMNS, read_manifest
+from roadshift.data.images import ACCEPTED_MODES, formats_for_extensions
+from roadshift.data.manifest import (
+    MANIFEST_COLUMNS,
+    DatasetLayoutError,
+    build_manifest_with_problems,
+    read_manifest,
+    scan_image_folder,
+)
 from roadshift.layout import Layout
+from roadshift.stages.validation_report import write_html_report
 
-ACCEPTED_MODES = ("RGB", "L", "RGBA", "P")
-"""Pillow modes the training loader converts to RGB without losing meaning."""
 EXAMPLES_SHOWN = 5
 EXAMPLES_KEPT = 20
 LEAKAGE_COLUMN = "splits_sharing_content"
@@ -134,7 +140,12 @@ def classes_table(manifest: pd.DataFrame, labels: Sequence[str]) -> pd.DataFrame
 
 
 def _images_expectations(
-    gx: Any, domain: str, labels: Sequence[str], cfg: ValidateSection, data_path: Path
+    gx: Any,
+    domain: str,
+    labels: Sequence[str],
+    cfg: ValidateSection,
+    data_path: Path,
+    accepted_formats: Sequence[str],
 ) -> list[Any]:
     e = gx.expectations
     required_splits = sorted(set(cfg.require_splits) | ({"test"} if domain == "target" else set()))
@@ -209,6 +220,15 @@ def _images_expectations(
                 "(e.g. 8-bit RGB PNG/JPEG)",
             },
         ),
+        e.ExpectColumnValuesToBeInSet(
+            column="format",
+            value_set=list(accepted_formats),
+            meta={
+                "check": "format",
+                "hint": f"the file contents must be one of {', '.join(accepted_formats)} "
+                "(the formats of prepare.extensions); convert these images to PNG or JPEG",
+            },
+        ),
         e.ExpectColumnValuesToBeBetween(
             column="bytes",
             min_value=1,
@@ -262,7 +282,8 @@ def _classes_expectations(gx: Any, cfg: ValidateSection) -> list[Any]:
 class _GxRunner:
     """One ephemeral GX context with a pandas datasource; one validation definition per suite."""
 
-    def __init__(self) -> None:
+    def __init__(self, examples_kept: int = EXAMPLES_KEPT) -> None:
+        self.examples_kept = examples_kept
         os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
         import great_expectations as gx
         from great_expectations.data_context.types.base import ProgressBarsConfig
@@ -294,7 +315,7 @@ class _GxRunner:
         )
         result_format = {
             "result_format": "SUMMARY",
-            "partial_unexpected_count": EXAMPLES_KEPT,
+            "partial_unexpected_count": self.examples_kept,
             "unexpected_index_column_names": [index] if index in frame.columns else [],
         }
         return definition.run(batch_parameters={"dataframe": frame}, result_format=result_format)
@@ -452,15 +473,20 @@ def validate_domain(
     labels: Sequence[str],
     params: Params,
     root: Path,
+    data_path: Path | None = None,
 ) -> tuple[list[CheckResult], dict[str, Any]]:
     """Run both suites of one domain; returns flattened checks and GX's own results."""
     gx = runner.gx
+    expectations = _images_expectations(
+        gx,
+        domain,
+        labels,
+        params.validate,
+        data_path or params.data.domain(domain).path,
+        formats_for_extensions(params.prepare.extensions),
+    )
     images_result = runner.validate(
-        f"{domain}.images",
-        "images",
-        images_table(manifest, root),
-        _images_expectations(gx, domain, labels, params.validate, params.data.domain(domain).path),
-        index="path",
+        f"{domain}.images", "images", images_table(manifest, root), expectations, index="path"
     )
     classes_result = runner.validate(
         f"{domain}.classes",
@@ -502,8 +528,84 @@ def run_validate(params: Params, root: Path) -> ValidationSummary:
         "failures": failures,
     }
     artifacts.append(_write_json(layout.validation_dir / "summary.json", _plain(summary)))
+    artifacts.append(write_html_report(layout.validation_dir / "index.html", _plain(summary)))
     metrics = {"images": images, "classes": len(labels), "success": int(success)}
     artifacts.append(_write_json(layout.metrics("validate"), metrics))
     if failures:
         raise DataValidationError(failures, layout.validation_dir)
     return ValidationSummary(success, images, classes, artifacts)
+
+
+# --- any folder (``roadshift data validate``) -------------------------------------------------
+
+FOLDER_EXAMPLES_KEPT = 1000
+
+
+@dataclass(frozen=True)
+class FolderCheck:
+    """The outcome of checking one ImageFolder tree outside the pipeline."""
+
+    folder: Path
+    problems: list[str]
+    images: dict[str, int]
+    labels: list[str]
+    checks_passed: int
+
+    @property
+    def success(self) -> bool:
+        return not self.problems
+
+
+def problem_lines(check: CheckResult) -> list[str]:
+    """One line per offending file or class where GX named them, else one line for the check."""
+    if check.success:
+        return []
+    if check.unexpected_count is None or check.error or not check.examples:
+        return [check.failure_line()]
+    what = check.expectation + (f" on {check.column}" if check.column else "")
+    lines = [f"{example}: fails {what}; fix: {check.hint}" for example in check.examples]
+    unnamed = check.unexpected_count - len(check.examples)
+    if unnamed > 0:
+        lines.append(f"{check.domain} {what}: {unnamed} more not listed")
+    return lines
+
+
+def _labels_of_tree(folder: Path, params: Params) -> tuple[set[str], list[str]]:
+    try:
+        files = scan_image_folder(folder, params.prepare.extensions)
+    except DatasetLayoutError as error:
+        return set(), [str(error)]
+    return {f.label for f in files}, []
+
+
+def check_folder(
+    folder: Path,
+    params: Params,
+    *,
+    domain: str = "target",
+    against: Path | None = None,
+    root: Path | None = None,
+) -> FolderCheck:
+    """The pipeline's checks on one tree: integrity, the domain's GX suites, class sets."""
+    root = root or Path.cwd()
+    try:
+        manifest, bad_files = build_manifest_with_problems(folder, domain, params.prepare, root)
+    except DatasetLayoutError as error:
+        return FolderCheck(folder, [str(error)], {"total": 0}, [], 0)
+    problems = [f"{p.path}: {p.reason}" for p in bad_files]
+    labels = _labels(manifest)
+    if against is not None:
+        other_labels, layout_problems = _labels_of_tree(against, params)
+        problems += layout_problems
+        other = pd.DataFrame({"label": sorted(other_labels)})
+        pair = (other, manifest) if domain == "target" else (manifest, other)
+        problems += cross_domain_failures(*pair)[0] if not layout_problems else []
+        labels |= other_labels
+    checks, _ = validate_domain(
+        _GxRunner(FOLDER_EXAMPLES_KEPT), domain, manifest, sorted(labels), params, root, folder
+    )
+    for check in checks:
+        problems += problem_lines(check)
+    images, _ = _counts(manifest)
+    passed = sum(c.success for c in checks)
+    return FolderCheck(folder, problems, images, sorted(_labels(manifest)), passed)
