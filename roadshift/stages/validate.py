@@ -499,8 +499,34 @@ def validate_domain(
     checks += [
         _check_result(domain, f"{domain}.classes", r, "label") for r in classes_result.results
     ]
-    gx_json = {"images": images_result.to_json_dict(), "classes": classes_result.to_json_dict()}
+    gx_json = {
+        "images": _stable(images_result.to_json_dict()),
+        "classes": _stable(classes_result.to_json_dict()),
+    }
     return checks, gx_json
+
+
+# GX stamps each result with fresh ids and clock times; without them the report is a pure
+# function of the data and thresholds, so `dvc repro` reproduces the stage's outputs exactly.
+_VOLATILE_GX_KEYS = frozenset(
+    {
+        "id",
+        "run_id",
+        "run_time",
+        "validation_time",
+        "ge_load_time",
+        "validation_id",
+        "checkpoint_id",
+    }
+)
+
+
+def _stable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _stable(v) for k, v in value.items() if k not in _VOLATILE_GX_KEYS}
+    if isinstance(value, list):
+        return [_stable(v) for v in value]
+    return value
 
 
 def run_validate(params: Params, root: Path) -> ValidationSummary:
