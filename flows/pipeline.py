@@ -23,6 +23,13 @@ from roadshift.layout import Layout
 from roadshift.lineage import lineage_tags
 from tasks.dvc import StageRun, push_to_remote, version_data
 from tasks.registry import register
+from tasks.reports import (
+    ValidationGateError,
+    publish_contact_sheet,
+    publish_validation,
+    read_validation_summary,
+    validation_gate_message,
+)
 from tasks.stages import IN_ORDER
 
 PARENT_RUN_ENV = "ROADSHIFT_PARENT_RUN_ID"
@@ -54,20 +61,41 @@ def _parent_run_env(run_id: str):
             os.environ[PARENT_RUN_ENV] = previous
 
 
+# (label, fine-tuned, source-only, scratch) metric keys, all on the target test split
+COMPARISON_ROWS = (
+    ("accuracy", "target_accuracy", "source_only_target_accuracy", "scratch_target_accuracy"),
+    ("macro-F1", "target_macro_f1", "source_only_target_macro_f1", "scratch_target_macro_f1"),
+)
+COMPARISON_COLUMNS = ("fine-tuned", "source-only", "scratch")
+
+
+def _cell(metrics: dict[str, float], key: str) -> str:
+    return f"{metrics[key]:.3f}" if key in metrics else "—"
+
+
+def _domain_gap_line(metrics: dict[str, float]) -> str:
+    home = metrics.get("source_only_source_accuracy", float("nan"))
+    away = metrics.get("source_only_target_accuracy", float("nan"))
+    return (
+        f"Domain gap: the source-only model scores {home:.3f} accuracy on the source test split "
+        f"and {away:.3f} on the target test split (gap {home - away:.3f})"
+    )
+
+
+def _gain_line(metrics: dict[str, float]) -> str:
+    gains = [f"over source-only {metrics.get('transfer_gain_macro_f1', float('nan')):+.3f}"]
+    if "transfer_gain_over_scratch_macro_f1" in metrics:
+        gains.append(f"over scratch {metrics['transfer_gain_over_scratch_macro_f1']:+.3f}")
+    return "Transfer gain (macro-F1): " + ", ".join(gains)
+
+
 def _comparison_table(metrics: dict[str, float]) -> str:
-    rows = [
-        ("accuracy", "target_accuracy", "source_only_target_accuracy"),
-        ("macro-F1", "target_macro_f1", "source_only_target_macro_f1"),
-    ]
     lines = [
-        "| target test split | fine-tuned | source-only |",
-        "|---|---|---|",
+        f"| target test split | {' | '.join(COMPARISON_COLUMNS)} |",
+        "|---|---|---|---|",
     ]
-    for label, tuned, baseline in rows:
-        lines.append(
-            f"| {label} | {metrics.get(tuned, float('nan')):.3f} "
-            f"| {metrics.get(baseline, float('nan')):.3f} |"
-        )
+    for label, *keys in COMPARISON_ROWS:
+        lines.append(f"| {label} | " + " | ".join(_cell(metrics, k) for k in keys) + " |")
     return "\n".join(lines)
 
 
@@ -76,10 +104,9 @@ def _summary_markdown(result: PipelineResult) -> str:
         f"- {run.stage}: {run.status} ({run.seconds:.1f} s)" for run in result.stages
     )
     versions = ", ".join(f"{d}={v}" for d, v in result.data_versions.items())
-    gap = result.metrics.get("domain_gap_accuracy", float("nan"))
     return (
         f"## roadshift training pipeline\n\n{_comparison_table(result.metrics)}\n\n"
-        f"Domain gap (source-only model, source test minus target test accuracy): {gap:.3f}\n\n"
+        f"{_domain_gap_line(result.metrics)}\n\n{_gain_line(result.metrics)}\n\n"
         f"Stages:\n{stages}\n\nData versions: {versions}\n\n"
         f"Registered model version {result.model_version} (aliases: "
         f"{', '.join(result.aliases) or 'none'}); {result.promotion}\n"
@@ -93,19 +120,42 @@ def _print_summary(result: PipelineResult) -> None:
     console = Console()
     table = Table(title="Target test split (Indian roads)")
     table.add_column("metric")
-    table.add_column("fine-tuned", justify="right")
-    table.add_column("source-only", justify="right")
-    for label, tuned, baseline in (
-        ("accuracy", "target_accuracy", "source_only_target_accuracy"),
-        ("macro-F1", "target_macro_f1", "source_only_target_macro_f1"),
-    ):
-        table.add_row(label, f"{result.metrics[tuned]:.3f}", f"{result.metrics[baseline]:.3f}")
+    for column in COMPARISON_COLUMNS:
+        table.add_column(column, justify="right")
+    for label, *keys in COMPARISON_ROWS:
+        table.add_row(label, *(_cell(result.metrics, k) for k in keys))
     console.print(table)
+    console.print(_domain_gap_line(result.metrics))
+    console.print(_gain_line(result.metrics))
     for run in result.stages:
         console.print(f"  {run.stage:<9} {run.status} ({run.seconds:.1f} s)")
     console.print(
         f"Model version {result.model_version}: aliases {result.aliases}; {result.promotion}"
     )
+
+
+def _run_stages(root: Path, mlflow_run_id: str) -> list[StageRun]:
+    """Each DVC stage in order; reports go out as soon as their stage is done.
+
+    A failing validation stops here, before any training and before the registry.
+    """
+    runs = []
+    for name, stage_task in IN_ORDER:
+        try:
+            runs.append(stage_task(root, name))
+        except Exception as error:
+            if name != "validate":
+                raise
+            publish_validation(root, mlflow_run_id)
+            message = validation_gate_message(
+                read_validation_summary(root), Layout(root).validation_dir
+            )
+            raise ValidationGateError(message) from error
+        if name == "prepare":
+            publish_contact_sheet(root, mlflow_run_id)
+        elif name == "validate":
+            publish_validation(root, mlflow_run_id)
+    return runs
 
 
 @flow(name="training-pipeline", log_prints=True)
@@ -127,7 +177,7 @@ def training_pipeline(root: str = ".") -> PipelineResult:
         mlflow.log_params(flatten_params(params))
         mlflow.log_dict(params_to_dict(params), "resolved_params.json")
         with _parent_run_env(parent.info.run_id):
-            stage_runs = [stage_task(root_path, name) for name, stage_task in IN_ORDER]
+            stage_runs = _run_stages(root_path, parent.info.run_id)
         metrics = json.loads(Layout(root_path).metrics("evaluate").read_text())
         mlflow.log_metrics(metrics)
         registration, _ = register(root_path, params, parent.info.run_id, prefect_tags)

@@ -24,7 +24,7 @@ OFFLINE_ENV = {
     "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
 }
 
-TRAINING_STAGES = ("pretrain", "finetune", "evaluate")
+TRAINING_STAGES = ("pretrain", "finetune", "scratch", "evaluate")
 STAGES = ("prepare", "validate", *TRAINING_STAGES, "register")
 
 
@@ -65,6 +65,10 @@ def _run_stage_function(stage: str, params: Params, root: Path):
         from roadshift.stages.finetune import run_finetune
 
         return run_finetune(params, root, on_epoch_end=log_epoch)
+    if stage == "scratch":
+        from roadshift.stages.scratch import run_scratch
+
+        return run_scratch(params, root, on_epoch_end=log_epoch)
     if stage == "evaluate":
         from roadshift.stages.evaluate import run_evaluate
 
@@ -159,6 +163,21 @@ def command_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def command_data_add(args: argparse.Namespace) -> int:
+    from roadshift.data.versioning import add_domain_data
+
+    root = Path(args.root).resolve()
+    params = load_params(root / args.params)
+    try:
+        result = add_domain_data(params, root, args.domain, Path(args.path))
+    except (ValueError, FileExistsError) as error:  # unknown class, stray file, name clash
+        print(f"roadshift: data add: {error}", file=sys.stderr)
+        return 2
+    print(f"added {len(result.copied)} image(s) under {result.domain_dir}")
+    print(f"{args.domain} data version: {result.old_version or 'none'} -> {result.new_version}")
+    return 0
+
+
 def command_data_validate(args: argparse.Namespace) -> int:
     from roadshift.config import Params
     from roadshift.stages.validate import check_folder
@@ -204,6 +223,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     synth.add_argument("--batch-id", default="batch1", help="name of the new target batch")
     synth.set_defaults(handler=command_synth)
+    add = data.add_parser("add", help="add labelled images to a domain as a new DVC data version")
+    add.add_argument("domain", choices=("source", "target"))
+    add.add_argument("path", help="folder of <class>/<image> files (copied; never overwrites)")
+    add.add_argument("--params", default="params.yaml")
+    add.set_defaults(handler=command_data_add)
     check = data.add_parser("validate", help="run the data checks on any ImageFolder tree")
     check.add_argument("folder", help="<class>/<image> or <split>/<class>/<image> tree")
     check.add_argument("--against", help="other domain's tree: the class sets must match")

@@ -145,6 +145,9 @@ class FinetuneSection(TrainSection):
 
 class EvaluateSection(_Section):
     batch_size: int = Field(128, ge=1)
+    scratch_baseline: bool = Field(
+        True, description="train the scratch-on-target baseline (scratch stage) and report it"
+    )
 
 
 class RegisterSection(_Section):

@@ -8,6 +8,7 @@ prepare = reproduce_stage.with_options(name="prepare")
 validate = reproduce_stage.with_options(name="validate")
 pretrain = reproduce_stage.with_options(name="pretrain", retries=1, retry_delay_seconds=5)
 finetune = reproduce_stage.with_options(name="finetune", retries=1, retry_delay_seconds=5)
+scratch = reproduce_stage.with_options(name="scratch", retries=1, retry_delay_seconds=5)
 evaluate = reproduce_stage.with_options(name="evaluate", retries=1, retry_delay_seconds=5)
 
 IN_ORDER = (
@@ -15,5 +16,6 @@ IN_ORDER = (
     ("validate", validate),
     ("pretrain", pretrain),
     ("finetune", finetune),
+    ("scratch", scratch),
     ("evaluate", evaluate),
 )

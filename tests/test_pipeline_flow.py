@@ -52,6 +52,7 @@ def test_first_run_runs_every_stage_and_crowns_a_champion(first_run, registry_of
         "validate",
         "pretrain",
         "finetune",
+        "scratch",
         "evaluate",
     ]
     assert all(run.ran for run in result.stages)
@@ -96,7 +97,15 @@ def test_pipeline_stages_are_nested_mlflow_runs_with_epoch_metrics(first_run, re
         filter_string=f"tags.mlflow.parentRunId = '{result.mlflow_run_id}'",
     )
     stages = {run.data.tags.get("roadshift.stage") for run in children}
-    assert {"prepare", "validate", "pretrain", "finetune", "evaluate", "register"} <= stages
+    assert {
+        "prepare",
+        "validate",
+        "pretrain",
+        "finetune",
+        "scratch",
+        "evaluate",
+        "register",
+    } <= stages
     pretrain = next(r for r in children if r.data.tags.get("roadshift.stage") == "pretrain")
     history = client.get_metric_history(pretrain.info.run_id, "train_loss")
     assert len(history) == 2  # one point per epoch
@@ -122,5 +131,5 @@ def test_dvc_repro_reproduces_the_flows_outputs_bit_for_bit(first_run):
         capture_output=True,
     )
     lock_after = yaml.safe_load((root / "dvc.lock").read_text())
-    for stage in ("pretrain", "finetune"):
+    for stage in ("pretrain", "finetune", "scratch"):
         assert lock_after["stages"][stage]["outs"] == lock_before["stages"][stage]["outs"]

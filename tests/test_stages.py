@@ -22,7 +22,7 @@ def trained_project(tmp_path_factory):
     from tests.conftest import TINY_PARAMS
 
     root = make_project(tmp_path_factory.mktemp("stages"), TINY_PARAMS)
-    for stage in ("prepare", "validate", "pretrain", "finetune", "evaluate"):
+    for stage in ("prepare", "validate", "pretrain", "finetune", "scratch", "evaluate"):
         assert main(["--root", str(root), "stage", stage]) == 0, stage
     return root
 
@@ -55,9 +55,24 @@ def test_evaluate_reports_the_fine_tuned_model_next_to_the_source_only_baseline(
         "source_only_source_accuracy",
         "domain_gap_accuracy",
         "transfer_gain_macro_f1",
+        "scratch_target_accuracy",
+        "scratch_target_macro_f1",
+        "transfer_gain_over_scratch_macro_f1",
     ):
         assert key in metrics
     assert 0 <= metrics["target_accuracy"] <= 1
+
+
+def test_scratch_baseline_is_the_same_architecture_trained_on_target_only(trained_project):
+    layout = Layout(trained_project)
+    _, scratch_spec = load_model_dir(layout.model_dir("scratch"))
+    _, target_spec = load_model_dir(layout.model_dir("target"))
+    assert scratch_spec.architecture == target_spec.architecture
+    assert scratch_spec.class_names == target_spec.class_names
+    metrics = json.loads(layout.metrics("evaluate").read_text())
+    assert metrics["transfer_gain_over_scratch_macro_f1"] == pytest.approx(
+        metrics["target_macro_f1"] - metrics["scratch_target_macro_f1"]
+    )
 
 
 def test_training_is_bitwise_repeatable_on_cpu(trained_project):

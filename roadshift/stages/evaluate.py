@@ -1,8 +1,9 @@
-"""Evaluate on the fixed target test split, next to the source-only baseline.
+"""Evaluate on the fixed target test split, next to the source-only and scratch baselines.
 
 The source-only model on the same split is what a team would ship without
 transfer learning; its gap to the source test score is the domain gap, and the
-fine-tuned model's lead over it is the transfer gain.
+fine-tuned model's lead over it is the transfer gain. The scratch model (same
+architecture, target train split only) shows whether the source helped at all.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from roadshift.evaluation import ClassificationReport, classification_report
 from roadshift.layout import Layout
 from roadshift.models import load_model_dir
 from roadshift.stages.common import StageOutcome, eval_loader, write_json
+from roadshift.stages.scratch import scratch_enabled
 from roadshift.training import configure_runtime, predict_logits
 
 
@@ -68,6 +70,12 @@ def run_evaluate(params: Params, root: Path) -> StageOutcome:
             np.min([row["recall"] for row in finetuned.per_class.values()])
         ),
     }
+    if params.evaluate.scratch_baseline and scratch_enabled(layout.model_dir("scratch")):
+        scratch = _evaluate_model_dir(
+            layout.model_dir("scratch"), target_manifest, root, params, device
+        )
+        metrics.update(scratch.headline("scratch_target"))
+        metrics["transfer_gain_over_scratch_macro_f1"] = finetuned.macro_f1 - scratch.macro_f1
     metrics_path = write_json(layout.metrics("evaluate"), metrics)
     per_class_path = write_json(layout.metrics_dir / "evaluate_per_class.json", finetuned.per_class)
     confusion_path = _write_confusion_csv(layout.plots_dir / "confusion_target.csv", finetuned)

@@ -1,0 +1,131 @@
+"""Add labelled images to a domain and record the result as a new DVC data version.
+
+New labels arrive as ``<incoming>/<class>/<image>``; they join the domain's
+ImageFolder tree (under ``train/`` when the domain uses split folders, so the
+fixed test split never changes) and ``dvc add`` turns the folder into a new
+version, the md5 the pipeline records as ``data.<domain>.version``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from roadshift.config import SPLITS, Params
+from roadshift.layout import Layout
+from roadshift.lineage import dvc_data_version
+
+
+class UnknownClassError(ValueError):
+    """Incoming images name classes the domain does not have."""
+
+
+@dataclass(frozen=True)
+class DataAddResult:
+    domain_dir: Path
+    copied: tuple[Path, ...]
+    old_version: str | None
+    new_version: str | None
+
+
+def _visible_dirs(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def uses_split_folders(domain_dir: Path) -> bool:
+    return any((domain_dir / split).is_dir() for split in SPLITS)
+
+
+def domain_classes(domain_dir: Path) -> set[str]:
+    if not uses_split_folders(domain_dir):
+        return {d.name for d in _visible_dirs(domain_dir)}
+    return {
+        d.name
+        for split in SPLITS
+        if (domain_dir / split).is_dir()
+        for d in _visible_dirs(domain_dir / split)
+    }
+
+
+def plan_copies(
+    incoming: Path, domain_dir: Path, extensions: tuple[str, ...]
+) -> list[tuple[Path, Path]]:
+    """(source, destination) per image; refuses unknown classes, stray files and overwrites."""
+    known = domain_classes(domain_dir)
+    class_dirs = _visible_dirs(incoming)
+    if not class_dirs:
+        raise ValueError(f"{incoming}: no class folders; expected <path>/<class>/<image>")
+    unknown = sorted(d.name for d in class_dirs if d.name not in known)
+    if unknown:
+        raise UnknownClassError(
+            f"{incoming}: unknown class folder(s) {', '.join(unknown)}; "
+            f"{domain_dir} has {', '.join(sorted(known)) or 'no classes'}"
+        )
+    destination_root = domain_dir / "train" if uses_split_folders(domain_dir) else domain_dir
+    allowed = {e.lower() for e in extensions}
+    plan, strays, clashes = [], [], []
+    for class_dir in class_dirs:
+        for path in sorted(class_dir.iterdir()):
+            if path.name.startswith(".") or path.is_dir():
+                continue
+            if path.suffix.lower() not in allowed:
+                strays.append(path)
+                continue
+            destination = destination_root / class_dir.name / path.name
+            (clashes if destination.exists() else plan).append((path, destination))
+    if strays:
+        raise ValueError(
+            f"{incoming}: not image files (prepare.extensions = {', '.join(sorted(allowed))}): "
+            + ", ".join(str(p) for p in strays[:5])
+        )
+    if clashes:
+        raise FileExistsError(
+            f"{clashes[0][1]}: already exists; rename the incoming file {clashes[0][0]} "
+            f"({len(clashes)} name clash(es) in all, nothing copied)"
+        )
+    if not plan:
+        raise ValueError(f"{incoming}: no images to add")
+    return plan
+
+
+def copy_planned(plan: list[tuple[Path, Path]]) -> tuple[Path, ...]:
+    for source, destination in plan:
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(source, destination)
+    return tuple(destination for _, destination in plan)
+
+
+def dvc_add(root: Path, folder: Path) -> None:
+    """DVC resolves paths against the working directory: run inside the project."""
+    from dvc.repo import Repo
+
+    if not (root / ".dvc").is_dir():
+        raise FileNotFoundError(f"{root / '.dvc'}: not a DVC project; run `dvc init` first")
+    logging.getLogger("dvc").propagate = False
+    with contextlib.chdir(root), Repo(str(root)) as repo:
+        repo.add([str(folder)])
+
+
+def _is_within(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
+def add_domain_data(params: Params, root: Path, domain: str, incoming: Path) -> DataAddResult:
+    """Copy ``incoming`` into the domain (in place if already inside it), then version it."""
+    configured = params.data.domain(domain).path
+    domain_dir = (configured if configured.is_absolute() else root / configured).resolve()
+    incoming = incoming.resolve()
+    if not domain_dir.is_dir():
+        raise FileNotFoundError(f"{domain_dir}: data.{domain}.path folder not found")
+    if not incoming.is_dir():
+        raise FileNotFoundError(f"{incoming}: folder of new images not found")
+    pointer = Layout(root).data_pointer(domain_dir)
+    old_version = dvc_data_version(pointer)
+    copied: tuple[Path, ...] = ()
+    if not _is_within(incoming, domain_dir):
+        copied = copy_planned(plan_copies(incoming, domain_dir, params.prepare.extensions))
+    dvc_add(root, domain_dir)
+    return DataAddResult(domain_dir, copied, old_version, dvc_data_version(pointer))
