@@ -7,18 +7,16 @@ the pipeline was started by this flow or by a plain ``dvc repro``.
 
 from __future__ import annotations
 
-import contextlib
-import logging
 import os
 import sys
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from prefect import task
 
 from roadshift.config import Params
+from roadshift.dvc_repo import open_repo
 from roadshift.layout import Layout
 from roadshift.lineage import dvc_data_version
 
@@ -41,23 +39,12 @@ def _stage_environment() -> None:
         os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
 
 
-@contextmanager
-def _dvc_repo(root: Path):
-    """DVC's Python API resolves stage paths against the working directory, so enter the project."""
-    from dvc.repo import Repo
-
-    # DVC prints to the console itself; without this Prefect's root handler repeats every line.
-    logging.getLogger("dvc").propagate = False
-    with contextlib.chdir(root), Repo(str(root)) as repo:
-        yield repo
-
-
 @task(name="version-data")
 def version_data(root: Path, params: Params) -> dict[str, str]:
     """``dvc add`` each domain folder; a changed folder becomes a new data version."""
     layout = Layout(root)
     targets = [str(root / params.data.domain(domain).path) for domain in ("source", "target")]
-    with _dvc_repo(root) as repo:
+    with open_repo(root) as repo:
         repo.add(targets)
     versions = {}
     for domain in ("source", "target"):
@@ -70,7 +57,7 @@ def version_data(root: Path, params: Params) -> dict[str, str]:
 def reproduce_stage(root: Path, stage: str) -> StageRun:
     _stage_environment()
     started = time.perf_counter()
-    with _dvc_repo(root) as repo:
+    with open_repo(root) as repo:
         reproduced = repo.reproduce(targets=[stage], single_item=True)
     return StageRun(stage, ran=bool(reproduced), seconds=time.perf_counter() - started)
 
@@ -78,5 +65,5 @@ def reproduce_stage(root: Path, stage: str) -> StageRun:
 @task(name="dvc-push", retries=2, retry_delay_seconds=5)
 def push_to_remote(root: Path) -> int:
     """Send data and model versions to the DVC remote so any of them can be reproduced."""
-    with _dvc_repo(root) as repo:
+    with open_repo(root) as repo:
         return repo.push()

@@ -8,13 +8,12 @@ version, the md5 the pipeline records as ``data.<domain>.version``.
 
 from __future__ import annotations
 
-import contextlib
-import logging
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 from roadshift.config import SPLITS, Params
+from roadshift.dvc_repo import open_repo
 from roadshift.layout import Layout
 from roadshift.lineage import dvc_data_version
 
@@ -99,13 +98,7 @@ def copy_planned(plan: list[tuple[Path, Path]]) -> tuple[Path, ...]:
 
 
 def dvc_add(root: Path, folder: Path) -> None:
-    """DVC resolves paths against the working directory: run inside the project."""
-    from dvc.repo import Repo
-
-    if not (root / ".dvc").is_dir():
-        raise FileNotFoundError(f"{root / '.dvc'}: not a DVC project; run `dvc init` first")
-    logging.getLogger("dvc").propagate = False
-    with contextlib.chdir(root), Repo(str(root)) as repo:
+    with open_repo(root) as repo:
         repo.add([str(folder)])
 
 
