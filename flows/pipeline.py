@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from prefect import flow, get_run_logger
@@ -44,7 +44,6 @@ class PipelineResult:
     aliases: list[str]
     promotion: str
     mlflow_run_id: str
-    notes: list[str] = field(default_factory=list)
 
 
 @contextmanager
