@@ -80,12 +80,33 @@ class PrepareSection(_Section):
     split_fractions: SplitFractions = SplitFractions()
 
 
+class FractionRange(_Section):
+    min: float = Field(0.0, ge=0, le=1)
+    max: float = Field(1.0, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> FractionRange:
+        if self.min > self.max:
+            raise ValueError(f"min ({self.min:g}) must not exceed max ({self.max:g})")
+        return self
+
+
+class SplitFractionBounds(_Section):
+    """Share of a domain's images each split may hold; catches a test set that went missing
+    or swallowed the training data."""
+
+    train: FractionRange = FractionRange(min=0.05, max=0.98)
+    val: FractionRange = FractionRange(min=0.0, max=0.5)
+    test: FractionRange = FractionRange(min=0.02, max=0.8)
+
+
 class ValidateSection(_Section):
     min_images_per_class: int = Field(3, ge=1)
     max_imbalance_ratio: float = Field(20.0, ge=1.0, description="largest / smallest class count")
     min_image_side: int = Field(16, ge=1)
     max_image_side: int = Field(8192, ge=1)
     require_splits: tuple[Split, ...] = ("train", "test")
+    split_fractions: SplitFractionBounds = SplitFractionBounds()
 
 
 class ModelSection(_Section):

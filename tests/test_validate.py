@@ -152,3 +152,15 @@ def test_a_missing_target_test_split_fails(project):
     report = json.loads((Layout(project).validation_dir / "summary.json").read_text())
     assert report["domains"]["source"]["success"] is True
     assert report["domains"]["target"]["success"] is False
+
+
+def test_a_split_holding_too_large_a_share_of_the_images_fails_naming_the_split(project):
+    val = raw(project, "source") / "val"
+    for label in CLASSES:
+        for i in range(12):
+            write_png(val / label / f"extra-{i}.png", 5000 + 100 * CLASSES.index(label) + i)
+
+    message = failure_of(project)
+
+    assert "on share_within_bounds: 1 of 3 splits fail, e.g. val" in message
+    assert "validate.split_fractions" in message

@@ -39,6 +39,8 @@ LEAKAGE_COLUMN = "splits_sharing_content"
 EXISTS_COLUMN = "file_exists"
 TRAIN_COUNT_COLUMN = "train_images"
 RATIO_COLUMN = "ratio_to_smallest"
+SHARE_COLUMN = "share_of_images"
+WITHIN_BOUNDS_COLUMN = "share_within_bounds"
 
 
 class DataValidationError(ValueError):
@@ -98,7 +100,9 @@ class CheckResult:
             return f"could not be checked ({self.error})"
         shown = ", ".join(self.examples[:EXAMPLES_SHOWN])
         if self.unexpected_count is not None:
-            rows = "classes" if self.suite.endswith(".classes") else "images"
+            rows = {"classes": "classes", "splits": "splits"}.get(
+                self.suite.rsplit(".", 1)[-1], "images"
+            )
             failed = f"{self.unexpected_count} of {self.element_count} {rows} fail"
             more = " …" if self.unexpected_count > EXAMPLES_SHOWN else ""
             return f"{failed}, e.g. {shown}{more}" if shown else failed
@@ -134,6 +138,46 @@ def classes_table(manifest: pd.DataFrame, labels: Sequence[str]) -> pd.DataFrame
     return pd.DataFrame(
         {"label": list(labels), TRAIN_COUNT_COLUMN: counts, RATIO_COLUMN: counts / smallest}
     )
+
+
+def splits_table(manifest: pd.DataFrame, cfg: ValidateSection) -> pd.DataFrame:
+    """Each split's share of the domain's images next to its allowed range."""
+    if "split" in manifest.columns and len(manifest):
+        shares = manifest["split"].value_counts(normalize=True)
+    else:
+        shares = pd.Series(dtype="float64")
+    rows = []
+    for split in SPLITS:
+        bounds = getattr(cfg.split_fractions, split)
+        share = float(shares.get(split, 0.0))
+        rows.append(
+            {
+                "split": split,
+                SHARE_COLUMN: round(share, 4),
+                WITHIN_BOUNDS_COLUMN: bool(bounds.min - 1e-9 <= share <= bounds.max + 1e-9),
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def _splits_expectations(gx: Any, cfg: ValidateSection) -> list[Any]:
+    ranges = ", ".join(
+        f"{split} {getattr(cfg.split_fractions, split).min:g}-"
+        f"{getattr(cfg.split_fractions, split).max:g}"
+        for split in SPLITS
+    )
+    return [
+        gx.expectations.ExpectColumnValuesToBeInSet(
+            column=WITHIN_BOUNDS_COLUMN,
+            value_set=[True],
+            meta={
+                "check": "split_proportions",
+                "hint": f"these splits hold a share of the images outside {ranges} "
+                "(validate.split_fractions); move images between split folders or adjust "
+                "the bounds",
+            },
+        )
+    ]
 
 
 # --- suites ----------------------------------------------------------------------------------
@@ -495,13 +539,22 @@ def validate_domain(
         _classes_expectations(gx, params.validate),
         index="label",
     )
+    splits_result = runner.validate(
+        f"{domain}.splits",
+        "splits",
+        splits_table(manifest, params.validate),
+        _splits_expectations(gx, params.validate),
+        index="split",
+    )
     checks = [_check_result(domain, f"{domain}.images", r, "path") for r in images_result.results]
     checks += [
         _check_result(domain, f"{domain}.classes", r, "label") for r in classes_result.results
     ]
+    checks += [_check_result(domain, f"{domain}.splits", r, "split") for r in splits_result.results]
     gx_json = {
         "images": _stable(images_result.to_json_dict()),
         "classes": _stable(classes_result.to_json_dict()),
+        "splits": _stable(splits_result.to_json_dict()),
     }
     return checks, gx_json
 
