@@ -123,10 +123,14 @@ def command_stage(args: argparse.Namespace) -> int:
 
 
 def command_run(args: argparse.Namespace) -> int:
-    from flows.pipeline import training_pipeline
+    from roadshift.dvc_repo import domain_folders
 
     root = Path(args.root).resolve()
-    load_params(root / "params.yaml")  # fail on a bad config before any server starts
+    # a bad config or unusable data folders fail before Prefect is even imported
+    domain_folders(load_params(root / "params.yaml"), root)
+
+    from flows.pipeline import training_pipeline
+
     training_pipeline(root=str(root))
     return 0
 

@@ -41,3 +41,23 @@ def open_repo(root: Path) -> Iterator:
     _rebind_console_handlers()
     with contextlib.chdir(root), Repo(str(root)) as repo:
         yield repo
+
+
+def domain_folders(params, root: Path) -> dict[str, Path]:
+    """Each domain's data folder, refused up front if DVC could not version it."""
+    from roadshift.config import DOMAINS, ConfigError
+
+    root = Path(root).resolve()
+    folders = {}
+    for domain in DOMAINS:
+        configured = params.data.domain(domain).path
+        folder = (configured if configured.is_absolute() else root / configured).resolve()
+        if root not in folder.parents:
+            raise ConfigError(
+                f"data.{domain}.path: {configured} is outside the project {root}; DVC versions "
+                "only folders inside it: copy or move the tree under data/ and point the key there"
+            )
+        if not folder.is_dir():
+            raise ConfigError(f"data.{domain}.path: folder {folder} does not exist")
+        folders[domain] = folder
+    return folders

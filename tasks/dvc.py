@@ -16,7 +16,7 @@ from pathlib import Path
 from prefect import task
 
 from roadshift.config import Params
-from roadshift.dvc_repo import open_repo
+from roadshift.dvc_repo import domain_folders, open_repo
 from roadshift.layout import Layout
 from roadshift.lineage import dvc_data_version
 
@@ -43,7 +43,7 @@ def _stage_environment() -> None:
 def version_data(root: Path, params: Params) -> dict[str, str]:
     """``dvc add`` each domain folder; a changed folder becomes a new data version."""
     layout = Layout(root)
-    targets = [str(root / params.data.domain(domain).path) for domain in ("source", "target")]
+    targets = [str(folder) for folder in domain_folders(params, root).values()]
     with open_repo(root) as repo:
         repo.add(targets)
     versions = {}
