@@ -28,6 +28,16 @@ class StageOutcome:
     details: dict = field(default_factory=dict)
 
 
+def fit_options(section: TrainSection) -> dict:
+    """The one place a training section of params.yaml becomes ``fit()``'s keyword arguments."""
+    return {
+        "epochs": section.epochs,
+        "weight_decay": section.weight_decay,
+        "label_smoothing": section.label_smoothing,
+        "grad_clip_norm": section.grad_clip_norm,
+    }
+
+
 def train_loader(
     manifest: pd.DataFrame, root: Path, spec: ModelSpec, section: TrainSection, params: Params
 ) -> DataLoader:

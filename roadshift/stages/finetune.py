@@ -28,6 +28,7 @@ from roadshift.stages.common import (
     EpochCallback,
     StageOutcome,
     eval_loader,
+    fit_options,
     train_loader,
     write_json,
 )
@@ -102,11 +103,8 @@ def run_finetune(
         groups,
         train_loader(manifest, root, spec, section, params),
         val,
-        epochs=section.epochs,
         device=device,
-        weight_decay=section.weight_decay,
-        label_smoothing=section.label_smoothing,
-        grad_clip_norm=section.grad_clip_norm,
+        **fit_options(section),
         on_epoch_end=on_epoch_end,
         set_train_mode=set_mode,
     )

@@ -12,6 +12,7 @@ from roadshift.stages.common import (
     EpochCallback,
     StageOutcome,
     eval_loader,
+    fit_options,
     train_loader,
     write_json,
 )
@@ -47,11 +48,8 @@ def run_pretrain(
         [{"params": list(model.parameters()), "lr": section.lr}],
         train_loader(manifest, root, spec, section, params),
         loaders["val"],
-        epochs=section.epochs,
         device=device,
-        weight_decay=section.weight_decay,
-        label_smoothing=section.label_smoothing,
-        grad_clip_norm=section.grad_clip_norm,
+        **fit_options(section),
         on_epoch_end=on_epoch_end,
     )
     metrics = {
