@@ -764,33 +764,16 @@ def add_target_batch(
 # --- contact sheet -------------------------------------------------------------------------------
 
 
-def _class_samples(domain_dir: Path, class_name: str, count: int) -> list[Path]:
-    paths = sorted(Path(domain_dir).glob(f"*/{class_name}/*.png"))
-    if len(paths) <= count:
-        return paths
-    step = len(paths) / count
-    return [paths[int(k * step)] for k in range(count)]
-
-
 def write_contact_sheet(domain_dirs: dict[str, Path], out_path: Path, per_class: int = 6) -> Path:
-    """A PNG grid for people: per domain a header, then one labelled row of samples per class."""
-    cell, gap, label_width, header = 72, 4, 170, 26
-    width = label_width + per_class * (cell + gap) + gap
-    height = len(domain_dirs) * (header + len(CLASSES) * (cell + gap)) + gap
-    sheet = Image.new("RGB", (width, height), (255, 255, 255))
-    draw = ImageDraw.Draw(sheet)
-    y = gap
+    """The sheet the pipeline logs, drawn from the synthesised folders before any manifest."""
+    import pandas as pd
+
+    from roadshift.data.contact_sheet import draw_contact_sheet
+
+    frames = {}
     for domain, domain_dir in domain_dirs.items():
-        draw.text((gap, y + 4), f"{domain}  ({domain_dir})", font=_font(16), fill=BLACK)
-        y += header
-        for class_name in CLASSES:
-            draw.text((gap, y + cell // 2), class_name, font=_font(14), fill=BLACK, anchor="lm")
-            for k, path in enumerate(_class_samples(domain_dir, class_name, per_class)):
-                with Image.open(path) as image:
-                    thumb = image.convert("RGB").resize((cell, cell), Image.Resampling.NEAREST)
-                sheet.paste(thumb, (label_width + k * (cell + gap), y))
-            y += cell + gap
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomically(out_path, _png_bytes(sheet))
-    return out_path
+        paths = sorted(Path(domain_dir).resolve().glob("*/*/*.png"))
+        frames[domain] = pd.DataFrame(
+            {"path": [str(p) for p in paths], "label": [p.parent.name for p in paths]}
+        )
+    return draw_contact_sheet(frames, Path("/"), Path(out_path), per_class)
