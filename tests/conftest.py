@@ -78,11 +78,17 @@ def make_project(root: Path, params: dict) -> Path:
     # DVC reads each stage's params sections from the file itself: write them all out.
     (root / "params.yaml").write_text(yaml.safe_dump(params_to_dict(parsed), sort_keys=False))
     synthesize_dataset(root / "data" / "raw", parsed.synth, seed=parsed.base.seed)
-    git(root, "init", "-q", "-b", "main")
-    git(root, "config", "user.name", "roadshift tests")
-    git(root, "config", "user.email", "tests@roadshift.invalid")
+    return commit_everything(root, "tiny project")
+
+
+def commit_everything(root: Path, message: str) -> Path:
+    """Make ``root`` a git repository if it is not one, and commit all of it."""
+    if not (root / ".git").exists():
+        git(root, "init", "-q", "-b", "main")
+        git(root, "config", "user.name", "roadshift tests")
+        git(root, "config", "user.email", "tests@roadshift.invalid")
     git(root, "add", "-A")
-    git(root, "commit", "-q", "-m", "tiny project")
+    git(root, "commit", "-q", "-m", message)
     return root
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -18,14 +17,10 @@ from roadshift.lineage import (
     params_hash,
     sha256_file,
 )
+from tests.conftest import commit_everything, git
 
 SOURCE_MD5 = "0123456789abcdef0123456789abcdef.dir"
 TARGET_MD5 = "fedcba9876543210fedcba9876543210.dir"
-
-
-def _git(root: Path, *args: str) -> str:
-    done = subprocess.run(["git", *args], cwd=root, check=True, capture_output=True, text=True)
-    return done.stdout.strip()
 
 
 def _pointer(md5: str, path: str) -> str:
@@ -38,18 +33,13 @@ def repo(tmp_path: Path) -> Path:
     (tmp_path / "data" / "raw" / "source.dvc").write_text(_pointer(SOURCE_MD5, "source"))
     (tmp_path / "data" / "raw" / "target.dvc").write_text(_pointer(TARGET_MD5, "target"))
     (tmp_path / "params.yaml").write_text("base:\n  seed: 1\n")
-    _git(tmp_path, "init", "-q", "-b", "main")
-    _git(tmp_path, "config", "user.name", "roadshift tests")
-    _git(tmp_path, "config", "user.email", "tests@roadshift.invalid")
-    _git(tmp_path, "add", "-A")
-    _git(tmp_path, "commit", "-q", "-m", "data pointers")
-    return tmp_path
+    return commit_everything(tmp_path, "data pointers")
 
 
 def test_lineage_tags_name_commit_data_versions_params_and_extras(repo):
     params = parse_params({})
     tags = lineage_tags(params, repo, {"prefect.flow_run_id": "flow-123"})
-    assert tags["git.commit"] == _git(repo, "rev-parse", "HEAD")
+    assert tags["git.commit"] == git(repo, "rev-parse", "HEAD")
     assert len(tags["git.commit"]) == 40
     assert tags["git.dirty"] == "false"
     assert tags["data.source.version"] == SOURCE_MD5
