@@ -8,7 +8,6 @@ temporary server.
 
 from __future__ import annotations
 
-import json
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
 from roadshift.config import Params, load_params, params_to_dict
+from roadshift.jsonio import read_json
 from roadshift.layout import Layout
 from roadshift.lineage import lineage_tags
 from tasks.dvc import StageRun, push_to_remote, version_data
@@ -177,7 +177,7 @@ def training_pipeline(root: str = ".") -> PipelineResult:
         mlflow.log_dict(params_to_dict(params), "resolved_params.json")
         with _parent_run_env(parent.info.run_id):
             stage_runs = _run_stages(root_path, parent.info.run_id)
-        metrics = json.loads(Layout(root_path).metrics("evaluate").read_text())
+        metrics = read_json(Layout(root_path).metrics("evaluate"))
         mlflow.log_metrics(metrics)
         registration, _ = register(root_path, params, parent.info.run_id, prefect_tags)
     push_to_remote(root_path)

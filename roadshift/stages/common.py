@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,17 +64,3 @@ def eval_loader(
     transform = create_eval_transform(spec.image_size, spec.mean, spec.std)
     dataset = ManifestDataset(frame, root, spec.class_names, transform)
     return make_loader(dataset, batch_size, shuffle=False, seed=seed)
-
-
-def write_json(path: Path, payload: dict) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
-    tmp.replace(path)
-    return path
-
-
-def read_json(path: Path) -> dict:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: missing; run the stage that writes it first")
-    return json.loads(path.read_text())

@@ -16,9 +16,10 @@ import numpy as np
 from roadshift.config import Params
 from roadshift.data.manifest import read_manifest
 from roadshift.evaluation import ClassificationReport, classification_report
+from roadshift.jsonio import write_json
 from roadshift.layout import Layout
 from roadshift.models import load_model_dir
-from roadshift.stages.common import StageOutcome, eval_loader, write_json
+from roadshift.stages.common import StageOutcome, eval_loader
 from roadshift.stages.scratch import scratch_enabled
 from roadshift.training import configure_runtime, predict_logits
 

@@ -15,6 +15,7 @@ from torch import nn
 
 from roadshift.config import Params
 from roadshift.data.manifest import class_names, read_manifest
+from roadshift.jsonio import write_json
 from roadshift.layout import Layout
 from roadshift.models import (
     backbone_parameters,
@@ -30,7 +31,6 @@ from roadshift.stages.common import (
     eval_loader,
     fit_options,
     train_loader,
-    write_json,
 )
 from roadshift.training import accuracy, configure_runtime, fit, predict_logits
 

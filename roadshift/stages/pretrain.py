@@ -6,6 +6,7 @@ from pathlib import Path
 
 from roadshift.config import Params
 from roadshift.data.manifest import class_names, read_manifest
+from roadshift.jsonio import write_json
 from roadshift.layout import Layout
 from roadshift.models import IMAGENET_MEAN, IMAGENET_STD, ModelSpec, create_model, save_model_dir
 from roadshift.stages.common import (
@@ -14,7 +15,6 @@ from roadshift.stages.common import (
     eval_loader,
     fit_options,
     train_loader,
-    write_json,
 )
 from roadshift.training import accuracy, configure_runtime, fit, predict_logits
 

@@ -5,10 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from roadshift.config import Params
+from roadshift.jsonio import read_json
 from roadshift.layout import Layout
 from roadshift.lineage import lineage_tags
 from roadshift.registry import register_model_dir
-from roadshift.stages.common import StageOutcome, read_json
+from roadshift.stages.common import StageOutcome
 
 
 def run_register(

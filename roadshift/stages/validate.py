@@ -12,7 +12,6 @@ per-class rules need a per-class row to name the class that breaks them.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -30,6 +29,7 @@ from roadshift.data.manifest import (
     read_manifest,
     scan_image_folder,
 )
+from roadshift.jsonio import write_json
 from roadshift.layout import Layout
 from roadshift.stages.validation_report import write_html_report
 
@@ -476,14 +476,6 @@ def _counts(manifest: pd.DataFrame) -> tuple[dict[str, int], dict[str, dict[str,
     return per_split, per_class
 
 
-def _write_json(path: Path, payload: Any) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n")
-    tmp.replace(path)
-    return path
-
-
 def _domain_report(checks: list[CheckResult], images: dict, classes: dict) -> dict:
     return {
         "success": all(c.success for c in checks),
@@ -595,7 +587,7 @@ def run_validate(params: Params, root: Path) -> ValidationSummary:
         images[domain], classes[domain] = _counts(manifest)
         domain_reports[domain] = _domain_report(checks, images[domain], classes[domain])
         failures += [c.failure_line() for c in checks if not c.success]
-        artifacts.append(_write_json(layout.validation_dir / f"{domain}.json", gx_json))
+        artifacts.append(write_json(layout.validation_dir / f"{domain}.json", gx_json))
     cross_failures, cross_report = cross_domain_failures(manifests["source"], manifests["target"])
     failures += cross_failures
     success = not failures
@@ -606,10 +598,10 @@ def run_validate(params: Params, root: Path) -> ValidationSummary:
         "cross_domain": {"success": not cross_failures, **cross_report},
         "failures": failures,
     }
-    artifacts.append(_write_json(layout.validation_dir / "summary.json", _plain(summary)))
+    artifacts.append(write_json(layout.validation_dir / "summary.json", _plain(summary)))
     artifacts.append(write_html_report(layout.validation_dir / "index.html", _plain(summary)))
     metrics = {"images": images, "classes": len(labels), "success": int(success)}
-    artifacts.append(_write_json(layout.metrics("validate"), metrics))
+    artifacts.append(write_json(layout.metrics("validate"), metrics))
     if failures:
         raise DataValidationError(failures, layout.validation_dir)
     return ValidationSummary(success, images, classes, artifacts)
