@@ -35,6 +35,9 @@ class BaseSection(_Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     num_threads: int = Field(0, ge=0, description="torch intra-op threads; 0 = all cores")
     deterministic: bool = True
+    progress_bars: bool | Literal["auto"] = Field(
+        "auto", description="rich progress bars while training; auto = when stderr is a terminal"
+    )
 
 
 class SynthSection(_Section):
@@ -125,6 +128,11 @@ class ModelSection(_Section):
         "IMAGENET1K_V1, or a path to a local state-dict (.safetensors/.pt)",
     )
     dropout: float = Field(0.2, ge=0, lt=1)
+    small_input_stem: bool | Literal["auto"] = Field(
+        "auto",
+        description="halve the stem's stride so small images keep spatial detail; "
+        "auto = when the last feature map would be smaller than 2x2",
+    )
 
 
 class AugmentSection(_Section):
@@ -145,6 +153,22 @@ class TrainSection(_Section):
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     grad_clip_norm: float | None = Field(None, gt=0)
     num_workers: int = Field(0, ge=0)
+    schedule: Literal["one_cycle", "cosine", "constant"] = "one_cycle"
+    warmup_fraction: float = Field(
+        0.2, ge=0, lt=1, description="share of the steps spent warming the lr up"
+    )
+    lr_finder: bool = Field(
+        False, description="run a learning-rate range test first and train at its suggestion"
+    )
+    mix: Literal["none", "mixup", "cutmix"] = "none"
+    mix_alpha: float = Field(0.4, gt=0, description="Beta(alpha, alpha) of mixup/cutmix")
+    mix_probability: float = Field(0.5, ge=0, le=1, description="share of batches mixed")
+    early_stopping_patience: int | None = Field(
+        None, ge=1, description="stop after this many epochs without a better val score"
+    )
+    checkpoint: bool = Field(
+        True, description="checkpoint every epoch and resume from it after a crash"
+    )
     augment: AugmentSection = AugmentSection()
 
 
@@ -154,14 +178,59 @@ class PretrainSection(TrainSection):
     lr: float = Field(3e-3, gt=0, le=10)
 
 
+class AutoStrategySection(_Section):
+    """When ``strategy: auto`` picks feature extraction: little target data that looks like
+    the source. Anything else (more data, or a bigger shift) is fine-tuned."""
+
+    max_images_per_class: float = Field(
+        20.0, gt=0, description="feature extraction only at or below this many train images/class"
+    )
+    max_domain_distance: float = Field(
+        1.0, ge=0, le=2, description="feature extraction only at or below this proxy A-distance"
+    )
+    sample_size: int = Field(
+        400, ge=10, description="images per domain embedded to measure the distance"
+    )
+
+
 class FinetuneSection(TrainSection):
-    strategy: Literal["feature_extraction", "fine_tune"] = "fine_tune"
+    strategy: Literal["auto", "feature_extraction", "fine_tune"] = "fine_tune"
     epochs: int = Field(15, ge=1)
     batch_size: int = Field(32, ge=1)
     lr: float = Field(1e-3, gt=0, le=10)
     backbone_lr_factor: float = Field(
-        0.1, gt=0, le=1, description="backbone lr = lr * factor when fine-tuning"
+        0.1, gt=0, le=1, description="lr of the backbone's last block = lr * factor (fine_tune)"
     )
+    layer_lr_decay: float = Field(
+        1.0, gt=0, le=1, description="each earlier backbone block trains at this times the next"
+    )
+    unfreeze_blocks: int | Literal["all"] = Field(
+        "all", description="fine_tune: how many of the backbone's last blocks train"
+    )
+    progressive_unfreeze_epochs: int = Field(
+        0, ge=0, description="fine_tune: unfreeze one more block every N epochs (0 = all at once)"
+    )
+    batchnorm: Literal["adapt", "frozen", "reestimate"] = Field(
+        "adapt",
+        description="adapt: trainable blocks update BN statistics on target batches; frozen: "
+        "keep the source statistics; reestimate: recompute them on the target train split first",
+    )
+    reinit_head: bool = Field(
+        False, description="start from a new head instead of the source model's"
+    )
+    embedding_cache: bool = Field(
+        True, description="feature_extraction: embed the train split once, then train the head"
+    )
+    embedding_views: int = Field(
+        4, ge=1, description="embedding cache: views per train image (1 = unaugmented only)"
+    )
+    auto: AutoStrategySection = AutoStrategySection()
+
+    @model_validator(mode="after")
+    def _unfreeze_blocks_positive(self) -> FinetuneSection:
+        if isinstance(self.unfreeze_blocks, int) and self.unfreeze_blocks < 0:
+            raise ValueError("unfreeze_blocks must be 'all' or a number >= 0")
+        return self
 
 
 class EvaluateSection(_Section):

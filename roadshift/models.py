@@ -108,6 +108,21 @@ def backbone_parameters(model: nn.Module, architecture: str) -> list[nn.Paramete
     return [p for p in model.parameters() if id(p) not in head_ids]
 
 
+def backbone_blocks(model: nn.Module, architecture: str) -> list[nn.Module]:
+    """The backbone as an ordered list of blocks, input side first.
+
+    Layer-wise learning rates and (progressive) unfreezing work on these units:
+    torchvision's ``features`` children for MobileNet/EfficientNet/ConvNeXt, and
+    the stem plus ``layer1..4`` for ResNets. Together with the head they hold every
+    parameter exactly once.
+    """
+    head_module_name(architecture)
+    if architecture.startswith("resnet"):
+        stem = nn.ModuleList([model.conv1, model.bn1])
+        return [stem, model.layer1, model.layer2, model.layer3, model.layer4]
+    return list(model.features.children())
+
+
 def _torchvision_weights(architecture: str, name: str):
     import torchvision
 
