@@ -32,6 +32,21 @@ _HEAD_MODULE = {
     "resnet50": "fc",
 }
 
+# Total downsampling from the input to the last feature map: (standard stem, small-input stem).
+# The small-input stem removes the stem's downsampling (ResNets: stride-2 conv and max-pool,
+# 32 -> 8) or halves it (MobileNetV3/EfficientNet: first conv, ConvNeXt: patchify conv, 32 -> 16).
+_TOTAL_STRIDE = {
+    "mobilenet_v3_small": (32, 16),
+    "mobilenet_v3_large": (32, 16),
+    "efficientnet_b0": (32, 16),
+    "convnext_tiny": (32, 16),
+    "resnet18": (32, 8),
+    "resnet34": (32, 8),
+    "resnet50": (32, 8),
+}
+# "auto" picks the small stem when the last feature map would be smaller than this per side.
+_MIN_FEATURE_MAP_SIDE = 2
+
 
 class WeightsError(RuntimeError):
     """Initial weights that cannot be found or do not fit the backbone."""
@@ -45,6 +60,7 @@ class ModelSpec:
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     extra: dict[str, str] = field(default_factory=dict)
+    small_input_stem: bool = False
 
     @property
     def num_classes(self) -> int:
@@ -63,7 +79,16 @@ class ModelSpec:
             mean=tuple(raw["mean"]),
             std=tuple(raw["std"]),
             extra=dict(raw.get("extra", {})),
+            small_input_stem=_json_bool(raw, "small_input_stem", default=False),
         )
+
+
+def _json_bool(raw: dict, key: str, default: bool) -> bool:
+    """A strict boolean from model.json: ``bool("false")`` would silently flip the stem."""
+    value = raw.get(key, default)
+    if not isinstance(value, bool):
+        raise ValueError(f"model.json: {key} must be true or false, got {value!r}")
+    return value
 
 
 def head_module_name(architecture: str) -> str:
@@ -74,6 +99,59 @@ def head_module_name(architecture: str) -> str:
             f"model.architecture: unsupported backbone {architecture!r}; "
             f"choose one of {sorted(_HEAD_MODULE)}"
         ) from None
+
+
+def total_stride(architecture: str, small_input_stem: bool = False) -> int:
+    """How much the backbone shrinks the input before global pooling.
+
+    ``image_size // total_stride(...)`` is the side of the last feature map, which is
+    what decides whether an image is too small for the standard stem.
+    """
+    head_module_name(architecture)
+    standard, small = _TOTAL_STRIDE[architecture]
+    return small if small_input_stem else standard
+
+
+def resolve_small_input_stem(setting: bool | str, architecture: str, image_size: int) -> bool:
+    """Turn ``model.small_input_stem`` (true, false or "auto") into a decision for one model.
+
+    "auto" keeps the ImageNet stem unless the last feature map would be under 2x2 (for
+    example 32 px road signs through a stride-32 backbone end at 1x1), where pooling one
+    position throws away all spatial layout.
+    """
+    if isinstance(setting, bool):
+        return setting
+    if setting != "auto":
+        raise ValueError(f"model.small_input_stem: expected true, false or 'auto', got {setting!r}")
+    if image_size < 1:
+        raise ValueError(f"image_size must be positive, got {image_size}")
+    return image_size // total_stride(architecture) < _MIN_FEATURE_MAP_SIDE
+
+
+def apply_small_input_stem(model: nn.Module, architecture: str) -> nn.Module:
+    """Reduce the stem's downsampling in place, keeping every parameter's name and shape.
+
+    Only strides/padding change and parameter-free pooling is dropped, so ImageNet
+    weights and saved state dicts still load into the modified model.
+    """
+    head_module_name(architecture)
+    if architecture.startswith("resnet"):
+        _stem_conv(model.conv1, architecture).stride = (1, 1)
+        model.maxpool = nn.Identity()
+    elif architecture.startswith("convnext"):
+        # Patchify conv 4x4/4 -> 4x4/2; padding 1 makes it exactly halve even sizes.
+        conv = _stem_conv(model.features[0][0], architecture)
+        conv.stride, conv.padding = (2, 2), (1, 1)
+    else:
+        _stem_conv(model.features[0][0], architecture).stride = (1, 1)
+    return model
+
+
+def _stem_conv(module: nn.Module, architecture: str) -> nn.Conv2d:
+    """The stem convolution, checked so a changed torchvision layout fails loudly."""
+    if not isinstance(module, nn.Conv2d):
+        raise TypeError(f"{architecture}: expected the stem to be nn.Conv2d, got {module!r}")
+    return module
 
 
 def _final_linear(module: nn.Module) -> tuple[nn.Module, str, nn.Linear]:
@@ -170,12 +248,16 @@ def create_model(
     num_classes: int,
     weights: str | None = None,
     dropout: float = 0.2,
+    *,
+    small_input_stem: bool = False,
 ) -> nn.Module:
     """Build a torchvision backbone with a fresh ``num_classes`` head.
 
     ``weights`` is None, a torchvision weights enum name (loaded from the torch
     hub cache, never downloaded implicitly) or a local state-dict file whose
-    head, if its size differs, is dropped.
+    head, if its size differs, is dropped. ``small_input_stem`` reduces the stem's
+    downsampling for small images (see ``apply_small_input_stem``); the weights fit
+    either way because no parameter changes name or shape.
     """
     import torchvision
 
@@ -197,6 +279,8 @@ def create_model(
         model = torchvision.models.get_model(architecture, weights=None)
     _set_dropout(model, dropout)
     _set_batchnorm_momentum(model, BATCHNORM_MOMENTUM)
+    if small_input_stem:
+        apply_small_input_stem(model, architecture)
     return replace_head(model, architecture, num_classes)
 
 
@@ -245,6 +329,8 @@ def load_model_dir(
                 f"{required}: missing; is {directory} a roadshift model folder?"
             )
     spec = ModelSpec.from_json(spec_path.read_text())
-    model = create_model(spec.architecture, spec.num_classes)
+    model = create_model(
+        spec.architecture, spec.num_classes, small_input_stem=spec.small_input_stem
+    )
     model.load_state_dict(load_file(str(weights_path), device="cpu"))
     return model.to(device).eval(), spec

@@ -1,5 +1,6 @@
 """Backbones, heads, the safe model folder format and the initial-weights paths."""
 
+import json
 import os
 from pathlib import Path
 
@@ -46,6 +47,37 @@ def test_model_folder_round_trip_gives_identical_predictions(tmp_path):
         "model.json",
         "weights.safetensors",
     ]
+
+
+@pytest.mark.parametrize("architecture", [ARCH, "resnet18"])
+def test_small_stem_model_folder_round_trip_gives_identical_predictions(tmp_path, architecture):
+    torch.manual_seed(0)
+    model = create_model(architecture, 3, small_input_stem=True).eval()
+    spec = ModelSpec(architecture, ("a", "b", "c"), image_size=32, small_input_stem=True)
+    save_model_dir(model, spec, tmp_path / "model")
+    assert json.loads((tmp_path / "model" / "model.json").read_text())["small_input_stem"] is True
+    loaded, loaded_spec = load_model_dir(tmp_path / "model")
+    batch = torch.randn(2, 3, 32, 32)
+    assert loaded_spec == spec
+    with torch.no_grad():
+        assert torch.equal(model(batch), loaded(batch))
+        # The standard stem on the same weights is a different function, so the flag matters.
+        standard = create_model(architecture, 3).eval()
+        standard.load_state_dict(model.state_dict())
+        assert not torch.equal(standard(batch), loaded(batch))
+
+
+def test_model_json_without_the_stem_key_loads_as_the_standard_stem():
+    raw = json.loads(ModelSpec(ARCH, ("a", "b"), image_size=32).to_json())
+    del raw["small_input_stem"]
+    assert ModelSpec.from_json(json.dumps(raw)).small_input_stem is False
+
+
+def test_model_json_with_a_non_boolean_stem_is_refused():
+    raw = json.loads(ModelSpec(ARCH, ("a", "b"), image_size=32).to_json())
+    raw["small_input_stem"] = "false"
+    with pytest.raises(ValueError, match="small_input_stem"):
+        ModelSpec.from_json(json.dumps(raw))
 
 
 def test_saving_over_an_existing_model_leaves_no_temporary_folder(tmp_path):
