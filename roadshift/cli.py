@@ -111,14 +111,25 @@ def _log_outcome(outcome) -> None:
 
 
 def command_stage(args: argparse.Namespace) -> int:
+    from roadshift.distributed import is_main_process, shutdown_distributed
     from roadshift.tracking import configure_tracking, stage_run
 
     root = Path(args.root).resolve()
     params = load_params(root / args.params, args.set)
+    if not is_main_process():
+        # a torchrun worker besides rank 0: it trains its shard; rank 0 tracks and writes
+        try:
+            _run_stage_function(args.name, params, root)
+        finally:
+            shutdown_distributed()
+        return 0
     configure_tracking(params, root)
-    with stage_run(args.name, params, root):
-        outcome = _run_stage_function(args.name, params, root)
-        _log_outcome(outcome)
+    try:
+        with stage_run(args.name, params, root):
+            outcome = _run_stage_function(args.name, params, root)
+            _log_outcome(outcome)
+    finally:
+        shutdown_distributed()
     return 0
 
 

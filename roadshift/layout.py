@@ -44,6 +44,10 @@ class Layout:
     def plots_dir(self) -> Path:
         return self.root / "plots"
 
+    def checkpoint_dir(self, stage: str) -> Path:
+        """Per-epoch training checkpoints; outside DVC's outputs, which it deletes before a run."""
+        return self.root / ".roadshift" / "checkpoints" / stage
+
     @property
     def mlflow_dir(self) -> Path:
         return self.root / "mlruns"

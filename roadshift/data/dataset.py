@@ -45,6 +45,14 @@ class ManifestDataset(Dataset):
         image = self.transform(image=load_rgb(self.paths[i]))["image"]
         return image, self.targets[i]
 
+    def __getitems__(self, batch: Sequence[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Fetch a batch; a seeded batch first reseeds the augmentations (see roadshift.loaders)."""
+        seed = getattr(batch, "seed", None)
+        if seed is not None and hasattr(self.transform, "set_random_seed"):
+            self.transform.set_random_seed(seed)
+        indices = getattr(batch, "indices", batch)
+        return [self[i] for i in indices]
+
 
 def split_frame(manifest: pd.DataFrame, split: str) -> pd.DataFrame:
     return manifest[manifest["split"] == split].reset_index(drop=True)

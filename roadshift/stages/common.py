@@ -1,19 +1,32 @@
-"""What the training-side stages share: loaders over a manifest split and metric files."""
+"""What the training-side stages share: loaders over a manifest split, the one mapping from a
+params section to the training loop's options, and checkpoint locations."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
+import torch
+from torch import nn
 from torch.utils.data import DataLoader
 
-from roadshift.config import Params, TrainSection
+from roadshift.checkpoints import Checkpointing, fingerprint
+from roadshift.config import Params, TrainSection, params_to_dict
 from roadshift.data.dataset import ManifestDataset, split_frame
 from roadshift.data.transforms import create_eval_transform, create_train_transform
-from roadshift.models import ModelSpec
-from roadshift.training import make_loader
+from roadshift.layout import Layout
+from roadshift.models import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    ModelSpec,
+    create_model,
+    resolve_small_input_stem,
+)
+from roadshift.progress import progress_enabled
+from roadshift.training import FitOptions, make_loader
 
 EpochCallback = Callable[[dict[str, float], int], None]
 
@@ -27,14 +40,106 @@ class StageOutcome:
     details: dict = field(default_factory=dict)
 
 
-def fit_options(section: TrainSection) -> dict:
-    """The one place a training section of params.yaml becomes ``fit()``'s keyword arguments."""
-    return {
-        "epochs": section.epochs,
-        "weight_decay": section.weight_decay,
-        "label_smoothing": section.label_smoothing,
-        "grad_clip_norm": section.grad_clip_norm,
-    }
+def new_model_spec(params: Params, class_names: tuple[str, ...]) -> ModelSpec:
+    """The spec of a model trained from ``params.model`` (pretrain and the scratch baseline)."""
+    architecture, image_size = params.model.architecture, params.base.image_size
+    return ModelSpec(
+        architecture=architecture,
+        class_names=class_names,
+        image_size=image_size,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        small_input_stem=resolve_small_input_stem(
+            params.model.small_input_stem, architecture, image_size
+        ),
+    )
+
+
+def new_model(spec: ModelSpec, params: Params, *, weights: str | None):
+    return create_model(
+        spec.architecture,
+        spec.num_classes,
+        weights,
+        params.model.dropout,
+        small_input_stem=spec.small_input_stem,
+    )
+
+
+def fit_options(section: TrainSection, params: Params, description: str) -> FitOptions:
+    """The one place a training section of params.yaml becomes the training loop's options."""
+    return FitOptions(
+        epochs=section.epochs,
+        weight_decay=section.weight_decay,
+        label_smoothing=section.label_smoothing,
+        grad_clip_norm=section.grad_clip_norm,
+        schedule=section.schedule,
+        warmup_fraction=section.warmup_fraction,
+        mix=section.mix,
+        mix_alpha=section.mix_alpha,
+        mix_probability=section.mix_probability,
+        early_stopping_patience=section.early_stopping_patience,
+        seed=params.base.seed,
+        progress=progress_enabled(params.base.progress_bars),
+        description=description,
+    )
+
+
+# The params section each training stage trains with (scratch shares fine-tuning's schedule).
+TRAINING_SECTIONS = {"pretrain": "pretrain", "finetune": "finetune", "scratch": "finetune"}
+
+
+@dataclass(frozen=True)
+class LearningRateChoice:
+    param_groups: list[dict]
+    metrics: dict[str, float]
+    artifacts: list[Path]
+
+
+def tune_learning_rate(
+    stage: str,
+    section: TrainSection,
+    model: nn.Module,
+    param_groups: list[dict],
+    loader: DataLoader,
+    device: torch.device,
+    root: Path,
+    prepare: Callable[[nn.Module], None] | None = None,
+) -> LearningRateChoice:
+    """With ``lr_finder`` on, replace each group's peak lr by the range test's suggestion
+    (ratios between groups kept); otherwise keep the configured rates."""
+    if not section.lr_finder:
+        return LearningRateChoice(param_groups, {}, [])
+    from roadshift.lr_finder import lr_range_test, plot_lr_range
+
+    result = lr_range_test(
+        model,
+        param_groups,
+        loader,
+        device,
+        loss_fn=nn.CrossEntropyLoss(label_smoothing=section.label_smoothing),
+        weight_decay=section.weight_decay,
+        prepare=prepare,
+    )
+    print(f"{stage}: lr finder suggests {result.suggested_lr:.3g} ({result.reason})")
+    tuned = [
+        {**group, "lr": lr}
+        for group, lr in zip(param_groups, result.suggested_group_lrs, strict=True)
+    ]
+    plot = plot_lr_range(result, Layout(root).root / "reports" / "lr_finder" / f"{stage}.png")
+    return LearningRateChoice(tuned, {"lr_finder_suggested_lr": result.suggested_lr}, [plot])
+
+
+def stage_checkpointing(
+    stage: str, params: Params, root: Path, *inputs: Path
+) -> Checkpointing | None:
+    """Checkpoints for ``stage``, valid only for these params and input files."""
+    section_name = TRAINING_SECTIONS[stage]
+    if not getattr(params, section_name).checkpoint:
+        return None
+    settings = params_to_dict(params)
+    relevant = {key: settings[key] for key in ("base", "model", section_name)}
+    key = fingerprint(stage, json.dumps(relevant, sort_keys=True), *inputs)
+    return Checkpointing(Layout(root).checkpoint_dir(stage), key)
 
 
 def train_loader(

@@ -13,15 +13,20 @@ from pathlib import Path
 
 from roadshift.config import Params
 from roadshift.data.manifest import class_names, read_manifest
+from roadshift.distributed import current_group
 from roadshift.jsonio import write_json
 from roadshift.layout import Layout
-from roadshift.models import IMAGENET_MEAN, IMAGENET_STD, ModelSpec, create_model, save_model_dir
+from roadshift.models import save_model_dir
 from roadshift.stages.common import (
     EpochCallback,
     StageOutcome,
     eval_loader,
     fit_options,
+    new_model,
+    new_model_spec,
+    stage_checkpointing,
     train_loader,
+    tune_learning_rate,
 )
 from roadshift.training import configure_runtime, fit
 
@@ -51,29 +56,35 @@ def run_scratch(
         _write_disabled_marker(model_dir)
         return StageOutcome({}, [write_json(layout.metrics("scratch"), {})])
     device = configure_runtime(params.base)
-    manifest = read_manifest(layout.validated_manifest("target"))
-    spec = ModelSpec(
-        architecture=params.model.architecture,
-        class_names=class_names(manifest),
-        image_size=params.base.image_size,
-        mean=IMAGENET_MEAN,
-        std=IMAGENET_STD,
-    )
-    model = create_model(spec.architecture, spec.num_classes, None, params.model.dropout)
+    manifest_path = layout.validated_manifest("target")
+    manifest = read_manifest(manifest_path)
+    spec = new_model_spec(params, class_names(manifest))
+    model = new_model(spec, params, weights=None)
     section = params.finetune
+    train = train_loader(manifest, root, spec, section, params)
+    groups = [{"params": list(model.parameters()), "lr": section.lr, "name": "all"}]
+    lr_choice = tune_learning_rate("scratch", section, model, groups, train, device, root)
     result = fit(
         model,
-        [{"params": list(model.parameters()), "lr": section.lr}],
-        train_loader(manifest, root, spec, section, params),
+        lr_choice.param_groups,
+        train,
         eval_loader(manifest, "val", root, spec, params.evaluate.batch_size, params.base.seed),
+        fit_options(section, params, "scratch"),
         device=device,
-        **fit_options(section),
         on_epoch_end=on_epoch_end,
+        checkpoint=stage_checkpointing("scratch", params, root, manifest_path),
     )
+    if not current_group().is_main:
+        return StageOutcome({})  # rank 0 alone writes the model and metrics
     metrics = {
         "best_epoch": float(result.best_epoch),
         "scratch_val_accuracy": result.best_val_accuracy,
+        **lr_choice.metrics,
     }
     saved = save_model_dir(model, spec, model_dir)
     metrics_path = write_json(layout.metrics("scratch"), metrics)
-    return StageOutcome(metrics, [metrics_path], {"model_dir": saved, "history": result.history})
+    return StageOutcome(
+        metrics,
+        [metrics_path, *lr_choice.artifacts],
+        {"model_dir": saved, "history": result.history},
+    )

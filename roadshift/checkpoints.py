@@ -1,0 +1,70 @@
+"""Resume a killed training run from its last epoch and end with the same weights.
+
+A checkpoint holds everything the loop's future depends on: weights, optimiser,
+scheduler and AMP-scaler state, the best weights so far, the history and the
+early-stopping counter. RNG state is not needed because every epoch reseeds from
+``(seed, epoch)`` (see roadshift.loaders). A fingerprint of the stage's inputs
+and params guards against resuming a run that was started for other data or
+settings: such a checkpoint is discarded, not loaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def fingerprint(*parts: str | bytes | Path) -> str:
+    """sha256 over strings, bytes and file contents (a missing file counts as its name)."""
+    digest = hashlib.sha256()
+    for part in parts:
+        if isinstance(part, Path):
+            digest.update(str(part.name).encode())
+            if part.is_file():
+                with part.open("rb") as handle:
+                    for chunk in iter(lambda: handle.read(1 << 20), b""):
+                        digest.update(chunk)
+        else:
+            digest.update(part if isinstance(part, bytes) else part.encode())
+        digest.update(b"\0")
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class Checkpointing:
+    directory: Path
+    fingerprint: str
+
+    @property
+    def path(self) -> Path:
+        return self.directory / "last.pt"
+
+    def save(self, state: dict[str, Any]) -> None:
+        """Write to a temporary file and rename it over the last one: a kill mid-write
+        leaves the previous checkpoint intact."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".pt.tmp")
+        torch.save({**state, "fingerprint": self.fingerprint}, tmp)
+        os.replace(tmp, self.path)
+
+    def load(self) -> dict[str, Any] | None:
+        if not self.path.is_file():
+            return None
+        try:
+            state = torch.load(self.path, map_location="cpu", weights_only=True)
+        except Exception as error:  # a truncated or foreign file: start over, say why
+            print(f"checkpoint {self.path} unreadable ({error}); starting from epoch 1")
+            return None
+        if state.get("fingerprint") != self.fingerprint:
+            print(f"checkpoint {self.path} is from other inputs or params; starting from epoch 1")
+            return None
+        return state
+
+    def clear(self) -> None:
+        self.path.unlink(missing_ok=True)
+        self.path.with_suffix(".pt.tmp").unlink(missing_ok=True)

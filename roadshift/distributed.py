@@ -1,0 +1,73 @@
+"""Data-parallel training through ``torchrun``: one process per device, gloo on CPU, NCCL on GPU.
+
+``torchrun`` sets ``WORLD_SIZE``/``RANK``/``LOCAL_RANK``; a plain ``roadshift`` run
+sees none of them and everything here degrades to a single process. Only rank 0
+writes outputs, checkpoints and tracking data; every rank trains.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class ProcessGroup:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def is_distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def launched_by_torchrun() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def current_group() -> ProcessGroup:
+    if dist.is_available() and dist.is_initialized():
+        return ProcessGroup(
+            dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0"))
+        )
+    return ProcessGroup()
+
+
+def is_main_process() -> bool:
+    """True outside torchrun, and on rank 0 under it (also before the group is initialised)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def init_distributed(device: torch.device) -> torch.device:
+    """Join the torchrun process group if launched by torchrun; returns this rank's device."""
+    if not launched_by_torchrun() or dist.is_initialized():
+        return _rank_device(device)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend=backend)
+    return _rank_device(device)
+
+
+def _rank_device(device: torch.device) -> torch.device:
+    if device.type == "cuda" and launched_by_torchrun():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return device
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def shutdown_distributed() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
