@@ -1,0 +1,12 @@
+"""Transfer learning from the source to the target domain.
+
+- ``strategies``: which parameters train, at which learning rate and from which epoch,
+  and how BatchNorm treats the target data (``plan_finetune``, ``reestimate_batchnorm``);
+- ``domain``: penultimate-layer embeddings, the proxy A-distance between two domains,
+  and the auto strategy choice made from it (``embed``, ``proxy_a_distance``,
+  ``choose_strategy``);
+- ``embeddings``: feature extraction on cached embeddings (``fit_head_on_embeddings``).
+
+Import from the submodules: this file stays empty so that using one part (say, the
+plan) never pulls in the others' dependencies (scikit-learn, the training loop).
+"""

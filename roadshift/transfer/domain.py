@@ -1,0 +1,193 @@
+"""How far the target domain is from the source, and the strategy that follows from it.
+
+The rule of thumb for transfer learning has two inputs: how much target data there
+is and how similar it is to the source. The first is a count; the second is measured
+here as the proxy A-distance (Ben-David et al., 2007/2010) between the source
+model's penultimate-layer embeddings of the two domains: if a linear classifier
+cannot tell the domains apart in the space the head sees, the source features serve
+the target as they are, and training only the head is both enough and safest.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from roadshift.config import AutoStrategySection
+from roadshift.models import head_module_name
+from roadshift.training import amp_dtype
+from roadshift.transfer.strategies import Strategy
+
+CV_FOLDS = 5
+
+
+@contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Eval mode for the block, then every module's own mode back (a training loop may
+    have set BatchNorm layers individually)."""
+    modes = {module: module.training for module in model.modules()}
+    model.eval()
+    try:
+        yield model
+    finally:
+        for module, training in modes.items():
+            module.training = training
+
+
+@torch.no_grad()
+def head_inputs(
+    model: nn.Module,
+    architecture: str,
+    loader: Iterable,
+    device: torch.device,
+    limit: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the head module receives for each image, with the labels, on the CPU.
+
+    Taken by a forward pre-hook on the head, so it is exactly the head's input for any
+    backbone (a flat vector for most, ``(C, 1, 1)`` for ConvNeXt, whose head flattens
+    itself); the head can be called on it directly. Eval mode, float32; at most
+    ``limit`` images.
+    """
+    head = getattr(model, head_module_name(architecture))
+    captured: list[torch.Tensor] = []
+    handle = head.register_forward_pre_hook(
+        lambda _module, args: captured.append(args[0].detach().float().cpu())
+    )
+    targets: list[torch.Tensor] = []
+    dtype = amp_dtype(device)
+    try:
+        with _eval_mode(model.to(device)):
+            for images, labels in loader:
+                with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                    model(images.to(device, non_blocking=True))
+                targets.append(torch.as_tensor(labels))
+                if limit is not None and sum(len(t) for t in targets) >= limit:
+                    break
+    finally:
+        handle.remove()
+    if not captured:
+        raise ValueError("head_inputs: the loader gave no images to embed")
+    return torch.cat(captured)[:limit], torch.cat(targets)[:limit]
+
+
+def embed(
+    model: nn.Module,
+    architecture: str,
+    loader: Iterable,
+    device: torch.device,
+    limit: int | None = None,
+) -> torch.Tensor:
+    """Penultimate features (the head's input) of up to ``limit`` images, eval mode."""
+    features, _ = head_inputs(model, architecture, loader, device, limit)
+    return features
+
+
+def _balanced_sample(
+    source: np.ndarray, target: np.ndarray, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """As many rows of each domain: otherwise a classifier always answering the larger
+    domain would have an error below 1/2 and the distance would reflect sizes, not data."""
+    n = min(len(source), len(target))
+    return (
+        source[rng.choice(len(source), n, replace=False)],
+        target[rng.choice(len(target), n, replace=False)],
+    )
+
+
+def _l2_normalise(rows: np.ndarray) -> np.ndarray:
+    """Unit length, so the classifier separates directions, not feature magnitudes."""
+    norms = np.linalg.norm(rows, axis=1, keepdims=True)
+    return rows / np.maximum(norms, 1e-12)
+
+
+def _flat(features: torch.Tensor) -> np.ndarray:
+    return features.detach().reshape(len(features), -1).float().cpu().numpy().astype(np.float64)
+
+
+def proxy_a_distance(
+    source: torch.Tensor, target: torch.Tensor, seed: int, folds: int = CV_FOLDS
+) -> float:
+    """Proxy A-distance ``2 (1 - 2 err)`` in [0, 2] between two sets of embeddings.
+
+    ``err`` is the k-fold cross-validated error of a logistic-regression classifier
+    told to separate the domains: 0 when the domains are indistinguishable (err about
+    1/2), 2 when they are perfectly separable. Balanced subsample, L2-normalised rows.
+    """
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict
+
+    rng = np.random.default_rng(seed)
+    a, b = _balanced_sample(_flat(source), _flat(target), rng)
+    if len(a) < 2:
+        raise ValueError(
+            "proxy_a_distance needs at least 2 embeddings per domain, "
+            f"got {len(source)} source and {len(target)} target"
+        )
+    rows = _l2_normalise(np.concatenate([a, b]))
+    domains = np.repeat([0, 1], len(a))
+    splits = StratifiedKFold(n_splits=min(folds, len(a)), shuffle=True, random_state=seed)
+    predicted = cross_val_predict(LogisticRegression(max_iter=2000), rows, domains, cv=splits)
+    error = float(np.mean(predicted != domains))
+    return float(np.clip(2.0 * (1.0 - 2.0 * error), 0.0, 2.0))
+
+
+@dataclass(frozen=True)
+class StrategyChoice:
+    """The strategy ``auto`` picked, why, and the two numbers it was picked from."""
+
+    strategy: Strategy
+    reason: str
+    domain_distance: float
+    images_per_class: float
+
+
+def _compare(value: float, limit: float) -> str:
+    return "at most" if value <= limit else "above"
+
+
+def _why_fine_tune(small: bool, similar: bool) -> str:
+    if not small and not similar:
+        return "enough data and a large shift, so the backbone adapts as well as the head"
+    if not small:
+        return "enough data to adapt the backbone without overfitting it"
+    return "a shift too large for the source features alone, so the backbone adapts as well"
+
+
+def choose_strategy(
+    images_per_class: float, distance: float, auto: AutoStrategySection
+) -> StrategyChoice:
+    """Feature extraction only for little target data that looks like the source.
+
+    Little data and a small shift: a frozen backbone cannot overfit and its features
+    already fit. Otherwise (more data, or a larger shift) the backbone is fine-tuned.
+    """
+    if not (math.isfinite(images_per_class) and math.isfinite(distance)):
+        raise ValueError(
+            f"choose_strategy needs finite numbers, got images_per_class={images_per_class} "
+            f"and distance={distance}"
+        )
+    small = images_per_class <= auto.max_images_per_class
+    similar = distance <= auto.max_domain_distance
+    facts = (
+        f"the target has {images_per_class:.1f} train images per class "
+        f"({_compare(images_per_class, auto.max_images_per_class)} "
+        f"finetune.auto.max_images_per_class = {auto.max_images_per_class:g}) and a proxy "
+        f"A-distance of {distance:.2f} to the source "
+        f"({_compare(distance, auto.max_domain_distance)} "
+        f"finetune.auto.max_domain_distance = {auto.max_domain_distance:g})"
+    )
+    if small and similar:
+        strategy: Strategy = "feature_extraction"
+        why = "little data that looks like the source, so only the head trains on frozen features"
+    else:
+        strategy = "fine_tune"
+        why = _why_fine_tune(small, similar)
+    reason = f"auto chose {strategy}: {facts}: {why}."
+    return StrategyChoice(strategy, reason, float(distance), float(images_per_class))
