@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -82,30 +83,48 @@ def test_training_is_bitwise_repeatable_on_cpu(trained_project):
     assert (layout.model_dir("target") / "weights.safetensors").read_bytes() == before
 
 
-def test_feature_extraction_trains_only_the_head(trained_project):
-    from roadshift.models import head_parameters
-    from roadshift.stages.finetune import trainable_groups
+@pytest.mark.parametrize("strategy", ["auto", "feature_extraction"])
+def test_finetune_strategies_auto_and_feature_extraction(
+    trained_project, tmp_path, strategy, capsys
+):
+    """The plans themselves are tested in test_strategies.py; here the stage's wiring."""
+    from roadshift.models import head_module_name, head_parameters
+    from roadshift.stages.finetune import run_finetune
+    from roadshift.transfer.domain import choose_strategy
 
-    raw = yaml.safe_load((trained_project / "params.yaml").read_text())
-    raw["finetune"]["strategy"] = "feature_extraction"
+    root = tmp_path / "project"  # a copy: the module's other tests read models/target
+    shutil.copytree(trained_project, root)
+    raw = yaml.safe_load((root / "params.yaml").read_text())
+    raw["finetune"].update(strategy=strategy, epochs=2)
     params = parse_params(raw)
-    model, spec = load_model_dir(Layout(trained_project).model_dir("source"))
-    groups = trainable_groups(model, spec.architecture, params)
-    head_ids = {id(p) for p in head_parameters(model, spec.architecture)}
-    assert [{id(p) for p in g["params"]} for g in groups] == [head_ids]
-    frozen = [p for p in model.parameters() if id(p) not in head_ids]
-    assert frozen and not any(p.requires_grad for p in frozen)
-
-
-def test_fine_tune_unfreezes_all_with_a_smaller_backbone_rate(trained_project):
-    from roadshift.stages.finetune import trainable_groups
-
-    params = parse_params(yaml.safe_load((trained_project / "params.yaml").read_text()))
-    model, spec = load_model_dir(Layout(trained_project).model_dir("source"))
-    backbone, head = trainable_groups(model, spec.architecture, params)
-    assert backbone["lr"] == pytest.approx(params.finetune.lr * params.finetune.backbone_lr_factor)
-    assert head["lr"] == params.finetune.lr
-    assert all(p.requires_grad for p in model.parameters())
+    outcome = run_finetune(params, root)
+    layout = Layout(root)
+    metrics = json.loads(layout.metrics("finetune").read_text())
+    assert metrics == pytest.approx(outcome.metrics)
+    assert {"best_epoch", "target_val_accuracy", "trainable_parameters"} <= set(metrics)
+    assert 1 <= metrics["best_epoch"] <= 2 and 0 <= metrics["target_val_accuracy"] <= 1
+    source, spec = load_model_dir(layout.model_dir("source"))
+    target, _ = load_model_dir(layout.model_dir("target"))
+    chosen = outcome.details["strategy"]
+    if strategy == "auto":
+        assert 0 <= metrics["domain_distance"] <= 2
+        choice = choose_strategy(
+            outcome.details["images_per_class"], metrics["domain_distance"], params.finetune.auto
+        )
+        assert chosen == choice.strategy
+        assert outcome.details["strategy_reason"] == choice.reason
+        assert choice.reason in capsys.readouterr().out
+    else:
+        assert chosen == "feature_extraction" and "domain_distance" not in metrics
+    if chosen == "feature_extraction":
+        head = head_module_name(spec.architecture)
+        assert metrics["trainable_parameters"] == sum(
+            p.numel() for p in head_parameters(source, spec.architecture)
+        )
+        before, after = source.state_dict(), target.state_dict()
+        backbone = [k for k in before if not k.startswith(f"{head}.")]
+        assert all(torch.equal(before[k], after[k]) for k in backbone)  # BN statistics too
+        assert any(not torch.equal(before[k], after[k]) for k in before if k not in backbone)
 
 
 def test_a_corrupt_image_stops_prepare_naming_the_file(tmp_path, tiny_params, capsys):
