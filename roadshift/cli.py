@@ -101,6 +101,10 @@ def _log_outcome(outcome) -> None:
     metrics = getattr(outcome, "metrics", None)
     if metrics:
         mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
+    details = getattr(outcome, "details", None) or {}
+    chosen = {key: str(details[key]) for key in ("strategy", "strategy_reason") if key in details}
+    if chosen:
+        mlflow.set_tags({f"roadshift.finetune.{key}": value for key, value in chosen.items()})
     for path in getattr(outcome, "artifacts", []) or []:
         if Path(path).is_file():
             mlflow.log_artifact(str(path))

@@ -24,7 +24,7 @@ from roadshift.stages.scratch import scratch_enabled
 from roadshift.training import configure_runtime, predict_logits
 
 
-def _evaluate_model_dir(
+def evaluate_model_dir(
     model_dir: Path, manifest_path: Path, root: Path, params: Params, device
 ) -> ClassificationReport:
     model, spec = load_model_dir(model_dir, device)
@@ -52,13 +52,13 @@ def run_evaluate(params: Params, root: Path) -> StageOutcome:
         layout.validated_manifest("target"),
         layout.validated_manifest("source"),
     )
-    finetuned = _evaluate_model_dir(
+    finetuned = evaluate_model_dir(
         layout.model_dir("target"), target_manifest, root, params, device
     )
-    source_only = _evaluate_model_dir(
+    source_only = evaluate_model_dir(
         layout.model_dir("source"), target_manifest, root, params, device
     )
-    source_home = _evaluate_model_dir(
+    source_home = evaluate_model_dir(
         layout.model_dir("source"), source_manifest, root, params, device
     )
     metrics = {
@@ -72,7 +72,7 @@ def run_evaluate(params: Params, root: Path) -> StageOutcome:
         ),
     }
     if params.evaluate.scratch_baseline and scratch_enabled(layout.model_dir("scratch")):
-        scratch = _evaluate_model_dir(
+        scratch = evaluate_model_dir(
             layout.model_dir("scratch"), target_manifest, root, params, device
         )
         metrics.update(scratch.headline("scratch_target"))
