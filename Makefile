@@ -24,7 +24,8 @@ $(STAMP): requirements.lock pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@echo "Installing the pinned lock into $(VENV) (a few minutes the first time)..."
 	@set -o pipefail; $(PY) -m pip install -q --disable-pip-version-check -r requirements.lock 2>&1 | { grep -v "^WARNING: Location" || true; }
-	@set -o pipefail; $(PY) -m pip install -q --disable-pip-version-check --no-deps -e . 2>&1 | { grep -v "^WARNING: Location" || true; }
+	@# compat mode puts the checkout itself on sys.path, so packages added later (flows/, tasks/) import too
+	@set -o pipefail; $(PY) -m pip install -q --disable-pip-version-check --no-deps --config-settings editable_mode=compat -e . 2>&1 | { grep -v "^WARNING: Location" || true; }
 	@touch $@
 
 data: $(STAMP)

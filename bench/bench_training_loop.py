@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from roadshift.checkpoints import Checkpointing
-from roadshift.config import Params, parse_params
+from roadshift.config import Params, load_params
 from roadshift.data.manifest import build_manifest, class_names
 from roadshift.data.synth import source_split_counts, synthesize_domain
 from roadshift.stages.common import fit_options, new_model, new_model_spec, train_loader
@@ -93,7 +93,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=2)
     args = parser.parse_args()
 
-    params = parse_params({})
+    params = load_params(Path(__file__).resolve().parents[1] / "params.yaml")
     device = configure_runtime(params.base)
     with tempfile.TemporaryDirectory(prefix="roadshift-bench-loop-") as tmp:
         work = Path(tmp)

@@ -2,8 +2,8 @@
 
     .venv/bin/python bench/bench_transfer.py [--labels 10 25 50] [--workdir DIR]
 
-On the embedded synthetic data (US MUTCD source -> Indian IRC:67 target, default
-params.yaml settings otherwise), one source model is pretrained; then, for each
+On the embedded synthetic data (US MUTCD source -> Indian IRC:67 target, the
+repository's params.yaml otherwise), one source model is pretrained; then, for each
 labels-per-class budget, the target train split is cut to that many images per
 class (the same images for every strategy, nested across budgets) and the
 same fixed val and test splits are kept. Rows: source-only (the source model on
@@ -34,7 +34,7 @@ import matplotlib.pyplot as plt
 import mlflow
 import pandas as pd
 
-from roadshift.config import Params, params_to_dict, parse_params
+from roadshift.config import Params, load_params, params_to_dict, parse_params
 from roadshift.data.manifest import read_manifest, write_manifest
 from roadshift.data.synth import synthesize_dataset
 from roadshift.layout import Layout
@@ -53,8 +53,8 @@ ROWS = ("source_only", "scratch", *TRANSFER)
 
 
 def project(root: Path, labels: list[int]) -> Params:
-    """The default params, with enough synthetic target labels for the largest budget."""
-    raw = params_to_dict(parse_params({}))
+    """The repository's params.yaml, with enough synthetic target labels for the largest budget."""
+    raw = params_to_dict(load_params(REPO / "params.yaml"))
     raw["synth"]["target_train_per_class"] = max(labels)
     params = parse_params(raw)
     synthesize_dataset(root / "data" / "raw", params.synth, seed=params.base.seed)
@@ -115,7 +115,8 @@ def plot(results: dict[int, dict[str, float]], path: Path) -> Path:
     budgets = sorted(results)
     figure, axes = plt.subplots(figsize=(6, 4))
     for row in ROWS:
-        axes.plot(budgets, [results[b][row] for b in budgets], marker="o", label=row)
+        style = {"linestyle": "--", "marker": "x"} if row == "auto" else {"marker": "o"}
+        axes.plot(budgets, [results[b][row] for b in budgets], label=row, **style)
     axes.set_xlabel("target labels per class")
     axes.set_ylabel("target test accuracy")
     axes.set_xticks(budgets)
@@ -150,7 +151,7 @@ def report(results: dict[int, dict[str, float]], autos: dict[int, dict]) -> None
         print(f"  {row:<20}" + "".join(f"{results[b][row]:>8.3f}" for b in budgets))
     for budget in budgets:
         auto = autos[budget]
-        print(f"  auto at {budget}/class chose {auto['chosen']}: {auto['reason']}")
+        print(f"  {budget}/class: {auto['reason']}")
     low = budgets[0]
     best_low = max(results[low][s] for s in TRANSFER)
     gain = best_low - results[low]["scratch"]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -152,7 +152,11 @@ class TrainSection(_Section):
     weight_decay: float = Field(1e-4, ge=0)
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     grad_clip_norm: float | None = Field(None, gt=0)
-    num_workers: int = Field(0, ge=0)
+    num_workers: Annotated[int, Field(ge=0)] | Literal["auto"] = Field(
+        "auto",
+        description="DataLoader worker processes; auto: several on a GPU machine, none on a "
+        "small CPU-only one, where workers would steal cores from the training threads",
+    )
     schedule: Literal["one_cycle", "cosine", "constant"] = "one_cycle"
     warmup_fraction: float = Field(
         0.2, ge=0, lt=1, description="share of the steps spent warming the lr up"
@@ -274,16 +278,31 @@ class Params(_Section):
     tracking: TrackingSection = TrackingSection()
 
 
+def _setting_key(loc: tuple) -> str:
+    """The dotted key, without the union-member tags pydantic appends (``int``,
+    ``literal['auto']``, ``constrained-int``) when a value fits none of a union's types."""
+    parts = [str(part) for part in loc if not _is_union_tag(str(part))]
+    return ".".join(parts) or "<root>"
+
+
+def _is_union_tag(part: str) -> bool:
+    return part in {"int", "float", "bool", "str"} or "[" in part or "-" in part
+
+
 def _format_errors(source: str, error: ValidationError) -> str:
-    lines = [f"{source}: invalid configuration"]
+    problems: dict[str, list[str]] = {}
     for item in error.errors():
-        key = ".".join(str(part) for part in item["loc"]) or "<root>"
+        key = _setting_key(item["loc"])
         if item["type"] == "extra_forbidden":
-            lines.append(f"  {key}: unknown key (not a roadshift setting; check the spelling)")
-        else:
-            got = item.get("input")
-            shown = "" if isinstance(got, dict) else f" (got {got!r})"
-            lines.append(f"  {key}: {item['msg']}{shown}")
+            problems.setdefault(key, []).append(
+                "unknown key (not a roadshift setting; check the spelling)"
+            )
+            continue
+        got = item.get("input")
+        shown = "" if isinstance(got, dict) else f" (got {got!r})"
+        problems.setdefault(key, []).append(f"{item['msg']}{shown}")
+    lines = [f"{source}: invalid configuration"]
+    lines += [f"  {key}: {'; or: '.join(messages)}" for key, messages in problems.items()]
     return "\n".join(lines)
 
 

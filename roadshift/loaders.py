@@ -9,6 +9,7 @@ and on each torchrun rank's shard, without saving any RNG state.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from typing import NamedTuple
 
@@ -75,16 +76,28 @@ class EpochBatchSampler(Sampler):
         return len(self._batches())
 
 
+def resolve_num_workers(setting: int | str) -> int:
+    """``auto``: keep a GPU fed with up to 8 workers; on a CPU-only machine use workers only
+    when there are cores to spare beyond the training threads (more than 4)."""
+    if setting != "auto":
+        return int(setting)
+    cores = os.cpu_count() or 1
+    if torch.cuda.is_available():
+        return max(1, min(8, cores - 1))
+    return 0 if cores <= 4 else min(4, cores // 4)
+
+
 def make_loader(
     dataset: Dataset,
     batch_size: int,
     *,
     shuffle: bool,
     seed: int,
-    num_workers: int = 0,
+    num_workers: int | str = 0,
     shard: bool | None = None,
 ) -> DataLoader:
     """A loader over ``dataset``; training loaders (``shuffle``) are sharded under torchrun."""
+    num_workers = resolve_num_workers(num_workers)
     group = current_group()
     sharded = shuffle if shard is None else shard
     sampler = EpochBatchSampler(

@@ -11,12 +11,14 @@ import os
 import re
 from collections import Counter
 from pathlib import Path
+from typing import get_args
 
 import pytest
 import torch
 import torchvision
 from torch import nn
 
+from roadshift.config import ModelSection
 from roadshift.models import (
     WeightsError,
     backbone_blocks,
@@ -26,15 +28,8 @@ from roadshift.models import (
     total_stride,
 )
 
-ARCHITECTURES = (
-    "mobilenet_v3_small",
-    "mobilenet_v3_large",
-    "resnet18",
-    "resnet34",
-    "resnet50",
-    "efficientnet_b0",
-    "convnext_tiny",
-)
+# every backbone params.yaml accepts
+ARCHITECTURES = get_args(ModelSection.model_fields["architecture"].annotation)
 SIZE = 32
 RESNET = "resnet18"
 

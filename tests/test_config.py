@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from roadshift.config import ConfigError, Params, apply_overrides, load_params
+from roadshift.config import ConfigError, Params, apply_overrides, load_params, parse_params
 
 PROJECT_PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
 
@@ -23,7 +23,7 @@ def project_raw() -> dict:
 def test_project_params_file_is_valid_and_matches_defaults_shape():
     params = load_params(PROJECT_PARAMS)
     assert isinstance(params, Params)
-    assert params.finetune.strategy in {"feature_extraction", "fine_tune"}
+    assert params.finetune.strategy == "auto"  # users get the measured choice by default
 
 
 def test_empty_file_gives_defaults(tmp_path):
@@ -101,3 +101,12 @@ def test_config_is_frozen():
     params = Params()
     with pytest.raises(Exception, match="frozen"):
         params.base.seed = 1  # type: ignore[misc]
+
+
+def test_a_value_that_fits_no_alternative_is_reported_once_under_its_own_key():
+    with pytest.raises(ConfigError) as error:
+        parse_params({"pretrain": {"num_workers": -1}, "finetune": {"unfreeze_blocks": "some"}})
+    message = str(error.value)
+    assert "  pretrain.num_workers: " in message and "'auto'" in message
+    assert "  finetune.unfreeze_blocks: " in message and "'all'" in message
+    assert "constrained-int" not in message and "literal[" not in message

@@ -217,3 +217,14 @@ def test_batches_depend_only_on_seed_and_epoch_and_are_sharded_across_ranks():
     seen = [sorted(i for batch in shard for i in batch) for shard in shards]
     assert len(seen[0]) == len(seen[1]) == 5
     assert sorted(seen[0] + seen[1]) == list(range(10))
+
+
+def test_auto_workers_leave_a_small_cpu_only_machine_to_the_training_threads(monkeypatch):
+    from roadshift.loaders import resolve_num_workers
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    assert resolve_num_workers("auto") == 0
+    monkeypatch.setattr("os.cpu_count", lambda: 32)
+    assert resolve_num_workers("auto") == 4
+    assert resolve_num_workers(3) == 3
