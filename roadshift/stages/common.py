@@ -111,15 +111,20 @@ def tune_learning_rate(
         return LearningRateChoice(param_groups, {}, [])
     from roadshift.lr_finder import lr_range_test, plot_lr_range
 
-    result = lr_range_test(
-        model,
-        param_groups,
-        loader,
-        device,
-        loss_fn=nn.CrossEntropyLoss(label_smoothing=section.label_smoothing),
-        weight_decay=section.weight_decay,
-        prepare=prepare,
-    )
+    try:
+        result = lr_range_test(
+            model,
+            param_groups,
+            loader,
+            device,
+            loss_fn=nn.CrossEntropyLoss(label_smoothing=section.label_smoothing),
+            weight_decay=section.weight_decay,
+            prepare=prepare,
+        )
+    except ValueError as error:
+        # no usable curve (e.g. a tiny train split): train at the configured rates, and say so
+        print(f"{stage}: lr finder gave no suggestion ({error}); keeping {stage}.lr={section.lr}")
+        return LearningRateChoice(param_groups, {}, [])
     print(f"{stage}: lr finder suggests {result.suggested_lr:.3g} ({result.reason})")
     tuned = [
         {**group, "lr": lr}
