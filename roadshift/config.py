@@ -242,6 +242,12 @@ class EvaluateSection(_Section):
     scratch_baseline: bool = Field(
         True, description="train the scratch-on-target baseline (scratch stage) and report it"
     )
+    bootstrap_samples: int = Field(
+        1000, ge=0, description="bootstrap resamples of the test split for confidence intervals"
+    )
+    confidence_level: float = Field(0.95, gt=0, lt=1)
+    calibration_bins: int = Field(15, ge=2, description="bins of the ECE / reliability diagram")
+    worst_mistakes: int = Field(16, ge=0, description="most confident errors shown in the report")
 
 
 class RegisterSection(_Section):
@@ -249,6 +255,12 @@ class RegisterSection(_Section):
     min_macro_f1: float = Field(0.0, ge=0, le=1, description="absolute floor to become champion")
     min_improvement: float = Field(
         0.0, ge=0, le=1, description="macro-F1 margin over the current champion"
+    )
+    max_class_recall_drop: float = Field(
+        0.1,
+        ge=0,
+        le=1,
+        description="no class's target recall may fall by more than this against the champion",
     )
 
 
