@@ -59,9 +59,24 @@ def test_evaluate_reports_the_fine_tuned_model_next_to_the_source_only_baseline(
         "scratch_target_accuracy",
         "scratch_target_macro_f1",
         "transfer_gain_over_scratch_macro_f1",
+        "target_min_class_recall",
+        "target_ece",
+        "target_accuracy_ci_low",
+        "target_accuracy_ci_high",
+        "target_macro_f1_ci_low",
+        "target_macro_f1_ci_high",
+        "source_only_target_macro_f1_ci_low",
+        "scratch_target_macro_f1_ci_high",
     ):
         assert key in metrics
     assert 0 <= metrics["target_accuracy"] <= 1
+    assert 0 <= metrics["target_ece"] <= 1
+    assert (
+        metrics["target_accuracy_ci_low"]
+        <= metrics["target_accuracy"]
+        <= metrics["target_accuracy_ci_high"]
+    )
+    assert 0 <= metrics["target_macro_f1_ci_low"] <= metrics["target_macro_f1_ci_high"] <= 1
 
 
 def test_scratch_baseline_is_the_same_architecture_trained_on_target_only(trained_project):
@@ -74,6 +89,94 @@ def test_scratch_baseline_is_the_same_architecture_trained_on_target_only(traine
     assert metrics["transfer_gain_over_scratch_macro_f1"] == pytest.approx(
         metrics["target_macro_f1"] - metrics["scratch_target_macro_f1"]
     )
+
+
+EVALUATION_REPORT_FILES = (
+    "confusion_matrix.png",
+    "per_class.png",
+    "reliability.png",
+    "worst_mistakes.png",
+    "report.md",
+)
+
+
+def _declared_evaluate_outputs(root: Path) -> list[str]:
+    """Every path the evaluate stage of the project's dvc.yaml declares (metrics, outs, plots)."""
+    stage = yaml.safe_load((root / "dvc.yaml").read_text())["stages"]["evaluate"]
+    entries = [*stage["metrics"], *stage["outs"], *stage["plots"]]
+    return [next(iter(e)) if isinstance(e, dict) else e for e in entries]
+
+
+def test_evaluate_writes_every_declared_file_and_logs_them_to_its_mlflow_run(trained_project):
+    from mlflow import MlflowClient
+
+    declared = _declared_evaluate_outputs(trained_project)
+    assert "reports/evaluation" in declared and "plots/calibration_target.csv" in declared
+    for relative in declared:
+        assert (trained_project / relative).exists(), relative
+    report_dir = trained_project / "reports" / "evaluation"
+    for name in EVALUATION_REPORT_FILES:
+        assert (report_dir / name).stat().st_size > 0, name
+    report = (report_dir / "report.md").read_text()
+    assert "Domain gap" in report and "over scratch" in report and "(reliability.png)" in report
+    plots = trained_project / "plots"
+    per_class = (plots / "per_class_target.csv").read_text().splitlines()
+    assert per_class[0] == "class,precision,recall,f1,support" and len(per_class) == 1 + 8
+    assert (
+        (plots / "calibration_target.csv")
+        .read_text()
+        .startswith("bin_lower,bin_upper,count,confidence,accuracy")
+    )
+
+    client = MlflowClient(f"sqlite:///{trained_project / 'mlruns' / 'mlflow.db'}")
+    [run] = client.search_runs(
+        [e.experiment_id for e in client.search_experiments()],
+        "tags.`roadshift.stage` = 'evaluate'",
+    )
+    logged = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert set(EVALUATION_REPORT_FILES) | {"per_class_target.csv", "evaluate.json"} <= logged
+    assert run.data.metrics["target_ece"] == pytest.approx(
+        json.loads(Layout(trained_project).metrics("evaluate").read_text())["target_ece"]
+    )
+
+
+def test_dvc_repro_reruns_evaluate_byte_identically_and_dvc_reads_metrics_and_plots(
+    trained_project, tmp_path
+):
+    """Through real DVC: the stage runs, its report files come out the same bytes again,
+    and ``dvc metrics show`` / ``dvc plots show`` accept what it declares."""
+    import subprocess
+
+    from tests.conftest import venv_environment
+
+    root = tmp_path / "project"  # a copy: DVC writes dvc.lock and rewrites the outputs
+    shutil.copytree(trained_project, root)
+    report_dir = root / "reports" / "evaluation"
+    before = {name: (report_dir / name).read_bytes() for name in EVALUATION_REPORT_FILES}
+
+    def dvc(*args: str) -> str:
+        done = subprocess.run(
+            ["dvc", *args], cwd=root, env=venv_environment(), capture_output=True, text=True
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+        return done.stdout
+
+    assert "Running stage 'evaluate'" in dvc("repro", "--force", "--single-item", "evaluate")
+    for name, content in before.items():
+        assert (report_dir / name).read_bytes() == content, name
+    [workspace] = json.loads(dvc("metrics", "show", "--json")).values()
+    shown = workspace["data"]["metrics/evaluate.json"]["data"]
+    assert {"target_macro_f1", "target_ece", "target_macro_f1_ci_low"} <= set(shown)
+    plots = json.loads(dvc("plots", "show", "--json"))
+    assert "errors" not in plots, plots["errors"]
+    for name, field in (
+        ("confusion_target.csv", "predicted"),
+        ("per_class_target.csv", "f1"),
+        ("calibration_target.csv", "confidence"),
+    ):
+        [plot] = plots["data"][f"plots/{name}"]
+        rows = plot["content"]["data"]["values"]
+        assert rows and all(field in row for row in rows), name
 
 
 def test_training_is_bitwise_repeatable_on_cpu(trained_project):
