@@ -26,6 +26,7 @@ from tasks.registry import register
 from tasks.reports import (
     ValidationGateError,
     publish_contact_sheet,
+    publish_evaluation,
     publish_validation,
     read_validation_summary,
     validation_gate_message,
@@ -154,6 +155,8 @@ def _run_stages(root: Path, mlflow_run_id: str) -> list[StageRun]:
             publish_contact_sheet(root, mlflow_run_id)
         elif name == "validate":
             publish_validation(root, mlflow_run_id)
+        elif name == "evaluate":
+            publish_evaluation(root, mlflow_run_id)
     return runs
 
 

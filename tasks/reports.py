@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from prefect import task
@@ -12,6 +13,10 @@ from roadshift.config import DOMAINS
 from roadshift.layout import Layout
 
 CONTACT_SHEET = Path("reports") / "contact_sheet.png"
+EVALUATION_ARTIFACT_KEY = "evaluation-report"
+# where the evaluate stage's report folder goes on the pipeline's parent MLflow run
+EVALUATION_MLFLOW_DIR = "evaluation"
+_RELATIVE_PNG_LINK = re.compile(r"\]\(([\w.-]+\.png)\)")
 
 
 class ValidationGateError(RuntimeError):
@@ -100,3 +105,40 @@ def publish_contact_sheet(root: Path, mlflow_run_id: str) -> Path:
         description="sample images per class and domain",
     )
     return sheet
+
+
+def evaluation_markdown(report: str, report_dir: Path, artifact_uri: str, run_id: str) -> str:
+    """``report.md`` links its figures relative to its own folder, which means nothing in the
+    Prefect UI: point them at the files on disk (as the contact sheet does) and say where the
+    same files are in MLflow."""
+    linked = _RELATIVE_PNG_LINK.sub(
+        lambda match: f"]({(report_dir / match.group(1)).as_uri()})", report
+    )
+    return (
+        f"{linked.rstrip()}\n\nFiles: `{report_dir}`; MLflow: "
+        f"`{artifact_uri}/{EVALUATION_MLFLOW_DIR}/` (run {run_id})\n"
+    )
+
+
+@task(name="publish-evaluation")
+def publish_evaluation(root: Path, mlflow_run_id: str) -> Path | None:
+    """The evaluate stage's report as a Prefect artifact; its whole folder (figures and
+    report.md) on the MLflow parent run under ``evaluation/``. Also when DVC skipped the
+    stage: every pipeline run then carries the report of the model it ends with."""
+    from mlflow import MlflowClient
+
+    from roadshift.eval_report import REPORT_DIR, REPORT_MD
+
+    report_dir = root / REPORT_DIR
+    report = report_dir / REPORT_MD
+    if not report.is_file():
+        return None
+    client = MlflowClient()
+    client.log_artifacts(mlflow_run_id, str(report_dir), EVALUATION_MLFLOW_DIR)
+    artifact_uri = client.get_run(mlflow_run_id).info.artifact_uri.rstrip("/")
+    create_markdown_artifact(
+        evaluation_markdown(report.read_text(), report_dir, artifact_uri, mlflow_run_id),
+        key=EVALUATION_ARTIFACT_KEY,
+        description="target test split: fine-tuned vs baselines, intervals, calibration",
+    )
+    return report
