@@ -32,6 +32,7 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     """Errors that mean bad input, shown as one clear message instead of a traceback."""
     from roadshift.data.manifest import CorruptImageError
     from roadshift.models import WeightsError
+    from roadshift.promotion import PromotionError
     from roadshift.stages.finetune import LabelSetMismatchError
     from roadshift.stages.validate import DataValidationError
     from roadshift.training import TrainingDivergedError
@@ -41,6 +42,7 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
         CorruptImageError,
         DataValidationError,
         LabelSetMismatchError,
+        PromotionError,
         TrainingDivergedError,
         WeightsError,
         FileNotFoundError,
@@ -217,6 +219,111 @@ def command_data_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _registry_store(params: Params, root: Path) -> str:
+    """Point MLflow at the project's store as the stage commands do; return the registry URI.
+
+    A local SQLite store that does not exist is an error here, not a new empty store.
+    """
+    import mlflow
+
+    from roadshift.promotion import PromotionError
+    from roadshift.tracking import configure_tracking, resolve_tracking_uri
+
+    uri = resolve_tracking_uri(params.tracking, root)
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not Path(uri[len(prefix) :].split("?")[0]).is_file():
+        raise PromotionError(
+            f"no MLflow store at {uri[len(prefix) :]}: nothing is registered yet "
+            "(run the pipeline first, or set tracking.tracking_uri / MLFLOW_TRACKING_URI)"
+        )
+    configure_tracking(params, root)
+    return mlflow.get_registry_uri()
+
+
+def _registry_serialised(model_name: str, store_uri: str):
+    """A local store's promotion file lock is taken inside the move itself; against a remote
+    tracking server also hold the flow's Prefect concurrency slot, so the CLI waits for a
+    registering flow run (and degrades, with a warning, where that limit does not exist)."""
+    from contextlib import nullcontext
+
+    from roadshift.promotion import lock_path
+
+    if lock_path(store_uri, model_name) is not None:
+        return nullcontext("file lock")
+    from tasks.registry import registry_slot
+
+    return registry_slot(model_name, store_uri)
+
+
+def command_promote(args: argparse.Namespace) -> int:
+    """Exit 0 promoted (or already champion), 1 refused by the gates, 2 bad request."""
+    from mlflow import MlflowClient
+
+    from roadshift.promotion import current_user, promote_version
+    from roadshift.stages.register import current_test_split
+
+    root = Path(args.root).resolve()
+    params = load_params(root / args.params)
+    store_uri = _registry_store(params, root)
+    name = params.register.model_name
+    with _registry_serialised(name, store_uri):
+        outcome = promote_version(
+            MlflowClient(),
+            name,
+            args.version,
+            params.register,
+            store_uri=store_uri,
+            user=current_user(),
+            why=args.reason,
+            force=args.force,
+            evaluation=current_test_split(root),
+        )
+    if outcome.already_champion:
+        print(f"{name} v{outcome.version} is already champion; nothing changed")
+        return 0
+    before = f"v{outcome.champion_before}" if outcome.champion_before else "none"
+    print(f"{name} v{outcome.version}: {outcome.decision.label} (champion before: {before})")
+    for gate in outcome.decision.gates:
+        print(f"  {gate.name}: {gate.status}: {gate.reason}")
+    if outcome.champion_scores is not None:
+        print(f"  champion scores: {outcome.champion_scores.source}")
+    aliases = ", ".join(f"{a}=v{v}" for a, v in sorted(outcome.aliases.items()))
+    print(f"  aliases now: {aliases or 'none'}")
+    if not outcome.decision.promote:
+        print(
+            "roadshift: promote: refused by the gates (override: --force --reason TEXT)",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
+def command_rollback(args: argparse.Namespace) -> int:
+    from mlflow import MlflowClient
+
+    from roadshift.promotion import current_user, rollback
+
+    root = Path(args.root).resolve()
+    params = load_params(root / args.params)
+    store_uri = _registry_store(params, root)
+    name = params.register.model_name
+    with _registry_serialised(name, store_uri):
+        outcome = rollback(
+            MlflowClient(),
+            name,
+            store_uri=store_uri,
+            user=current_user(),
+            why=args.reason,
+            to=args.to,
+        )
+    previous = f"v{outcome.previous_champion}" if outcome.previous_champion else "none"
+    print(
+        f"{name}: champion is v{outcome.restored} again (rolled back from "
+        f"v{outcome.rolled_back_from}); previous-champion: {previous}"
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="roadshift", description=__doc__.splitlines()[0])
     parser.add_argument("--root", default=".", help="project root (holds params.yaml, dvc.yaml)")
@@ -253,6 +360,21 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--domain", choices=("source", "target"), default="target")
     check.add_argument("--params", default="params.yaml", help="thresholds; defaults if absent")
     check.set_defaults(handler=command_data_validate)
+
+    promote = sub.add_parser(
+        "promote", help="make a registered version champion if it passes the gates (or --force)"
+    )
+    promote.add_argument("--version", required=True, metavar="N", help="registered version")
+    promote.add_argument("--force", action="store_true", help="bypass the gates (needs --reason)")
+    promote.add_argument("--reason", help="why; recorded on the version with who did it")
+    promote.add_argument("--params", default="params.yaml")
+    promote.set_defaults(handler=command_promote)
+
+    back = sub.add_parser("rollback", help="move champion back to previous-champion (or --to N)")
+    back.add_argument("--to", metavar="N", help="version to restore (default: previous-champion)")
+    back.add_argument("--reason", required=True, help="why; recorded with who did it")
+    back.add_argument("--params", default="params.yaml")
+    back.set_defaults(handler=command_rollback)
     return parser
 
 

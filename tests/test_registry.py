@@ -13,19 +13,24 @@ import pandas as pd
 import pytest
 import torch
 from mlflow import MlflowClient
+from mlflow.models import Model
 from PIL import Image
+from sklearn.metrics import f1_score
 
 from roadshift.config import RegisterSection, parse_params
 from roadshift.data.transforms import create_eval_transform
 from roadshift.lineage import sha256_file
 from roadshift.models import ModelSpec, create_model, load_model_dir, save_model_dir
+from roadshift.promotion import EvaluationSet
 from roadshift.registry import (
     CHAMPION_GATE_METRIC,
+    DataSummary,
     RegistrationResult,
     champion_version,
     decide_promotion,
     load_champion,
     register_model_dir,
+    render_model_card,
 )
 from roadshift.tracking import configure_tracking
 
@@ -230,3 +235,159 @@ def test_the_champions_score_on_the_same_test_set_is_preferred_when_given(store,
         )
     assert result.decision == "refused"
     assert "champion v1 0.6500" in result.reason
+
+
+# --------------------------------------------------------------------------- model card, pyfunc
+
+
+def test_each_version_gets_a_model_card_logged_with_its_run_and_tagged(history):
+    tags = MlflowClient().get_model_version(NAME, "3").tags
+    assert tags["model_card.uri"].startswith("runs:/")
+    assert tags["model_card.uri"].endswith(f"/model_card/{NAME}/v3/model_card.md")
+    card = mlflow.artifacts.load_text(tags["model_card.uri"])
+    assert card.startswith(f"# Model card: {NAME} version 3\n")
+    for section in (
+        "## Intended use",
+        "## Data",
+        "## Metrics (target test split)",
+        "## Promotion at registration",
+        "## Limits",
+        "## Lineage",
+    ):
+        assert section in card
+    assert "Gate metric `target_macro_f1`: **0.7000**" in card
+    assert "| git.commit | `c0ffee` |" in card
+    assert "- margin: pass: target_macro_f1 0.7000 beats champion v1" in card
+
+
+def test_the_logged_pyfunc_has_a_signature_and_a_uint8_image_batch_as_input_example(history):
+    uri = f"models:/{NAME}/3"
+    info = mlflow.models.get_model_info(uri)
+    assert info.signature.outputs.input_names() == ["label", *(f"prob_{c}" for c in CLASSES)]
+    # No input schema on purpose: MLflow would then refuse the second input form (PNG bytes).
+    assert info.signature.inputs is None
+    assert info.saved_input_example_info["type"] == "ndarray"
+    example = Model.load(uri).load_input_example(mlflow.artifacts.download_artifacts(uri))
+    assert example.shape == (1, 32, 32, 3)
+    assert example.min() >= 0 and example.max() <= 255  # raw pixels, no training transforms
+    predicted = mlflow.pyfunc.load_model(uri).predict(example)
+    assert list(predicted.columns) == info.signature.outputs.input_names()
+
+
+def test_the_model_card_names_the_data_and_the_limits():
+    data = [
+        DataSummary(
+            "source",
+            "US roads (MUTCD)",
+            "data/raw/source",
+            "abc.dir",
+            {"train": 70, "val": 15, "test": 15},
+            CLASSES,
+            synthetic=True,
+        ),
+        DataSummary(
+            "target",
+            "Indian roads (IRC:67)",
+            "data/raw/target",
+            "def.dir",
+            {"train": 12, "val": 6, "test": 9},
+            CLASSES,
+            synthetic=True,
+        ),
+    ]
+    per_class = {
+        "stop": {"precision": 0.9, "recall": 0.8, "f1": 0.85, "support": 3},
+        "give_way": {"precision": 0.5, "recall": 0.2, "f1": 0.3, "support": 3},
+        "no_entry": {"precision": 0.6, "recall": 0.4, "f1": 0.5, "support": 3},
+    }
+    metrics = {"target_macro_f1": 0.55, "target_accuracy": 0.6, "domain_gap_accuracy": 0.3}
+    card = render_model_card(NAME, "4", metrics, per_class, {"git.commit": "c0ffee"}, data, GATES)
+    assert "| target | Indian roads (IRC:67) | `def.dir` | 12 | 6 | 9 | 3 |" in card
+    assert "**Synthetic data** (source, target)" in card
+    assert "**Domain gap**: the source-only model loses 0.300 accuracy" in card
+    assert "**Classes with low recall** (below 0.5): give_way 0.20, no_entry 0.40" in card
+    assert "as few as 3 test images per class" in card
+    assert "| give_way | 0.500 | 0.200 | 0.300 | 3 |" in card
+    assert "from Indian roads (IRC:67) into one of 3 classes (stop, give_way, no_entry)" in card
+
+
+# --------------------------------------------------------------------------- champion, same split
+
+
+def _evaluation_set(per_class: int = 4, seed: int = 5) -> EvaluationSet:
+    rng = np.random.default_rng(seed)
+    labels = tuple(c for c in CLASSES for _ in range(per_class))
+    images = tuple(_png(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)) for _ in labels)
+    return EvaluationSet(images, labels, CLASSES, f"a crafted split ({len(labels)} images)")
+
+
+def _scored_by_hand(model_dir: Path, evaluation: EvaluationSet) -> tuple[float, np.ndarray]:
+    """The champion's macro-F1 and recalls computed here, independently of the registry."""
+    torch_model, spec = load_model_dir(model_dir)
+    transform = create_eval_transform(spec.image_size, spec.mean, spec.std)
+    images = [np.asarray(Image.open(io.BytesIO(b)).convert("RGB")) for b in evaluation.images]
+    with torch.inference_mode():
+        batch = torch.stack([transform(image=image)["image"] for image in images])
+        predicted = [spec.class_names[i] for i in torch_model(batch).argmax(dim=1).tolist()]
+    truth = list(evaluation.labels)
+    f1 = f1_score(truth, predicted, labels=list(CLASSES), average="macro", zero_division=0)
+    pairs = list(zip(predicted, truth, strict=True))
+    recall = [np.mean([p == c for p, t in pairs if t == c]) for c in CLASSES]
+    return float(f1), np.array(recall)
+
+
+def _perfect(classes=CLASSES) -> dict[str, dict[str, float]]:
+    return {c: {"precision": 1.0, "recall": 1.0, "f1": 1.0, "support": 4.0} for c in classes}
+
+
+def test_the_champion_is_scored_on_the_challengers_test_split_not_by_its_stored_tags(
+    store, history
+):
+    cfg = RegisterSection(model_name=f"{NAME}-live", min_improvement=0.02)
+    evaluation = _evaluation_set()
+    with mlflow.start_run(run_name="register-live"):
+        # Its stored score, 0.95, came from some other test split; today it is far lower.
+        register_model_dir(store / "models" / "first", {"target_macro_f1": 0.95}, {}, cfg)
+        result = register_model_dir(
+            store / "models" / "worse",
+            {"target_macro_f1": 0.6},
+            {},
+            cfg,
+            per_class=_perfect(),
+            evaluation=evaluation,
+        )
+    f1, recall = _scored_by_hand(store / "models" / "first", evaluation)
+    assert result.champion_scores.macro_f1 == pytest.approx(f1)
+    assert [result.champion_scores.recall[c] for c in CLASSES] == pytest.approx(recall)
+    assert result.champion_scores.source == "scored on a crafted split (12 images)"
+    assert result.decision == "promoted", result.reason
+    assert f"beats champion v1 {f1:.4f}" in result.reason
+    tags = MlflowClient().get_model_version(cfg.model_name, result.version).tags
+    assert float(tags["champion_target_macro_f1"]) == pytest.approx(f1)
+    assert tags["champion_scores_from"] == "scored on a crafted split (12 images)"
+    assert float(tags["champion_recall.stop"]) == pytest.approx(recall[0])
+
+
+def test_a_champion_that_cannot_be_loaded_falls_back_to_its_stored_tags_and_says_so(store, history):
+    cfg = RegisterSection(model_name=f"{NAME}-unloadable", min_improvement=0.02)
+    client = MlflowClient()
+    with mlflow.start_run(run_name="register-unloadable"):
+        register_model_dir(store / "models" / "first", {"target_macro_f1": 0.65}, {}, cfg)
+        served_from = Path(client.get_model_version_download_uri(cfg.model_name, "1")[7:])
+        (served_from / "MLmodel").unlink()  # the version stays registered, but cannot load
+        result = register_model_dir(
+            store / "models" / "worse",
+            {"target_macro_f1": 0.6},
+            {},
+            cfg,
+            per_class=_perfect(),
+            evaluation=_evaluation_set(),
+        )
+    assert result.champion_scores.macro_f1 == 0.65
+    assert result.champion_scores.source.startswith(
+        "stored tags of v1: it could not be loaded to score on a crafted split (12 images) ("
+    )
+    assert result.decision == "refused"
+    tags = client.get_model_version(cfg.model_name, result.version).tags
+    assert tags["champion_scores_from"] == result.champion_scores.source
+    assert "gain -0.0500" in tags["promotion.reason"]
