@@ -219,6 +219,58 @@ def command_data_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def command_predict(args: argparse.Namespace) -> int:
+    """Wire ``roadshift.predict``; its errors (bad file, no champion) become one line, exit 2."""
+    from roadshift.predict import PredictError
+
+    root = Path(args.root).resolve()
+    params_path = root / args.params
+    params = load_params(params_path) if params_path.is_file() else Params()
+    try:
+        return _run_predict(args, params, root)
+    except PredictError as error:
+        print(f"roadshift: predict: {error}", file=sys.stderr)
+        return 2
+
+
+def _run_predict(args: argparse.Namespace, params: Params, root: Path) -> int:
+    from roadshift import predict
+    from roadshift.progress import progress_enabled
+    from roadshift.tracking import configure_tracking
+
+    if args.out:
+        predict.output_format(Path(args.out))  # a bad suffix fails before the model loads
+    paths = predict.find_images([Path(p) for p in args.inputs], params.prepare.extensions)
+    configure_tracking(params, root)
+    model = predict.load_registry_model(
+        args.model or predict.champion_uri(params.register.model_name)
+    )
+    skipped: list[str] = []
+    on_skip = (lambda path, reason: skipped.append(f"{path}: {reason}")) if args.skip_bad else None
+    with predict.batch_progress(len(paths), progress_enabled("auto")) as on_batch:
+        frame = predict.predict_paths(
+            model, paths, args.batch_size, on_skip=on_skip, on_batch=on_batch
+        )
+    if skipped:
+        print(f"roadshift: predict: skipped {len(skipped)} unreadable file(s):", file=sys.stderr)
+        print("\n".join(f"  {line}" for line in skipped), file=sys.stderr)
+    if frame.empty:
+        raise predict.PredictError("none of the files could be read; nothing predicted")
+    if args.out:
+        written = predict.write_predictions(frame, Path(args.out))
+        print(f"{len(frame)} prediction(s) written to {written}", file=sys.stderr)
+    else:
+        print(predict.format_table(frame))
+    return 0
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def _registry_store(params: Params, root: Path) -> str:
     """Point MLflow at the project's store as the stage commands do; return the registry URI.
 
@@ -360,6 +412,19 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--domain", choices=("source", "target"), default="target")
     check.add_argument("--params", default="params.yaml", help="thresholds; defaults if absent")
     check.set_defaults(handler=command_data_validate)
+
+    predict = sub.add_parser("predict", help="predict image files with a registered model")
+    predict.add_argument("inputs", nargs="+", help="image files or folders (scanned recursively)")
+    predict.add_argument(
+        "--model", help="MLflow model URI (default: models:/<register.model_name>@champion)"
+    )
+    predict.add_argument("--out", help="write predictions to a .csv or .json file (else a table)")
+    predict.add_argument("--batch-size", type=_positive_int, default=64, help="images per call")
+    predict.add_argument(
+        "--skip-bad", action="store_true", help="skip unreadable images and list them at the end"
+    )
+    predict.add_argument("--params", default="params.yaml", help="defaults if absent")
+    predict.set_defaults(handler=command_predict)
 
     promote = sub.add_parser(
         "promote", help="make a registered version champion if it passes the gates (or --force)"
