@@ -33,6 +33,7 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     from roadshift.data.manifest import CorruptImageError
     from roadshift.models import WeightsError
     from roadshift.promotion import PromotionError
+    from roadshift.reproduce import ReproductionError
     from roadshift.stages.finetune import LabelSetMismatchError
     from roadshift.stages.validate import DataValidationError
     from roadshift.training import TrainingDivergedError
@@ -43,6 +44,7 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
         DataValidationError,
         LabelSetMismatchError,
         PromotionError,
+        ReproductionError,
         TrainingDivergedError,
         WeightsError,
         FileNotFoundError,
@@ -376,6 +378,42 @@ def command_rollback(args: argparse.Namespace) -> int:
     return 0
 
 
+def command_serve_schedule(args: argparse.Namespace) -> int:
+    from flows.retrain import serve_schedule
+
+    root = Path(args.root).resolve()
+    load_params(root / "params.yaml")  # a bad config fails before any server starts
+    serve_schedule(root, port=args.port)
+    return 0
+
+
+def command_reproduce(args: argparse.Namespace) -> int:
+    """Exit 0 when metrics and weights come out identical, 1 when they differ."""
+    from roadshift.reproduce import comparison_table, reproduce_registered
+
+    root = Path(args.root).resolve()
+    params = load_params(root / args.params)
+    reproduction = reproduce_registered(
+        root,
+        params,
+        version=args.model_version,
+        run_id=args.run_id,
+        keep_worktree=args.keep_worktree,
+    )
+    lineage = reproduction.lineage
+    print(
+        f"{lineage.model_name} v{lineage.version}: commit {lineage.git_commit[:12]}, data "
+        + ", ".join(f"{d} {v}" for d, v in lineage.data_versions.items())
+    )
+    print(comparison_table(reproduction))
+    for note in reproduction.notes:
+        print(f"note: {note}")
+    if reproduction.worktree is not None:
+        print(f"worktree kept at {reproduction.worktree}")
+    print("identical" if reproduction.identical else "DIFFERENT from the registered version")
+    return 0 if reproduction.identical else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="roadshift", description=__doc__.splitlines()[0])
     parser.add_argument("--root", default=".", help="project root (holds params.yaml, dvc.yaml)")
@@ -440,6 +478,25 @@ def build_parser() -> argparse.ArgumentParser:
     back.add_argument("--reason", required=True, help="why; recorded with who did it")
     back.add_argument("--params", default="params.yaml")
     back.set_defaults(handler=command_rollback)
+
+    schedule = sub.add_parser(
+        "serve-schedule",
+        help="serve the scheduled-retraining deployment on params.yaml's cron (Ctrl-C stops)",
+    )
+    schedule.add_argument(
+        "--port", type=_positive_int, default=4200, help="local Prefect server port"
+    )
+    schedule.set_defaults(handler=command_serve_schedule)
+
+    again = sub.add_parser(
+        "reproduce", help="rebuild a registered version from its git commit, data and params"
+    )
+    which = again.add_mutually_exclusive_group(required=True)
+    which.add_argument("--model-version", metavar="N", help="registered version to rebuild")
+    which.add_argument("--run-id", help="MLflow run the version was registered from")
+    again.add_argument("--keep-worktree", action="store_true", help="keep the checkout to inspect")
+    again.add_argument("--params", default="params.yaml", help="tracking and model name")
+    again.set_defaults(handler=command_reproduce)
     return parser
 
 

@@ -264,6 +264,23 @@ class RegisterSection(_Section):
     )
 
 
+class RetrainSection(_Section):
+    """The scheduled retraining deployment (``roadshift serve-schedule``, prefect.yaml)."""
+
+    cron: str = Field("0 3 * * 1", description="when to check for new data (default Mon 03:00)")
+    timezone: str = Field("UTC", min_length=1)
+    deployment: str = Field("scheduled-retraining", min_length=1)
+    notify_webhook_block: str | None = Field(
+        None, description="name of a Prefect Webhook block called on promotion and on failure"
+    )
+
+    @model_validator(mode="after")
+    def _five_field_cron(self) -> RetrainSection:
+        if len(self.cron.split()) not in (5, 6):
+            raise ValueError(f"cron {self.cron!r}: expected 5 fields, e.g. '0 3 * * 1'")
+        return self
+
+
 class TrackingSection(_Section):
     tracking_uri: str | None = Field(
         None, description="MLflow tracking URI; env MLFLOW_TRACKING_URI wins; default: local SQLite"
@@ -287,6 +304,7 @@ class Params(_Section):
     finetune: FinetuneSection = FinetuneSection()
     evaluate: EvaluateSection = EvaluateSection()
     register: RegisterSection = RegisterSection()
+    retrain: RetrainSection = RetrainSection()
     tracking: TrackingSection = TrackingSection()
 
 
