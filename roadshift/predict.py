@@ -287,23 +287,8 @@ def batch_progress(total: int, enabled: bool) -> Iterator[OnBatch | None]:
     if not enabled:
         yield None
         return
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
+    from roadshift.progress import stderr_progress
 
-    with Progress(
-        TextColumn("[bold]predict"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=Console(stderr=True),
-    ) as progress:
+    with stderr_progress() as progress:
         task = progress.add_task("predict", total=total)
         yield lambda count: progress.update(task, advance=count)

@@ -16,6 +16,20 @@ from rich.progress import (
 )
 
 
+def stderr_progress(*status_columns: TextColumn) -> Progress:
+    """The one bar layout roadshift uses (training epochs, batch prediction), on stderr so
+    stdout stays clean for tables and piped output."""
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        *status_columns,
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+    )
+
+
 def progress_enabled(setting: bool | str) -> bool:
     """``auto`` shows bars only on an interactive terminal, never in CI logs or DVC captures."""
     if setting == "auto":
@@ -33,15 +47,7 @@ class EpochProgress:
 
     def __enter__(self) -> EpochProgress:
         if self.enabled:
-            self._progress = Progress(
-                TextColumn("[bold]{task.description}"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TextColumn("{task.fields[status]}"),
-                TimeElapsedColumn(),
-                TimeRemainingColumn(),
-                console=Console(stderr=True),
-            )
+            self._progress = stderr_progress(TextColumn("{task.fields[status]}"))
             self._progress.__enter__()
         return self
 
