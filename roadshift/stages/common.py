@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader
 from roadshift.checkpoints import Checkpointing, fingerprint
 from roadshift.config import Params, TrainSection, params_to_dict
 from roadshift.data.dataset import ManifestDataset, split_frame
+from roadshift.data.manifest import class_names, read_manifest
 from roadshift.data.transforms import create_eval_transform, create_train_transform
 from roadshift.layout import Layout
 from roadshift.models import (
@@ -26,7 +27,7 @@ from roadshift.models import (
     resolve_small_input_stem,
 )
 from roadshift.progress import progress_enabled
-from roadshift.training import FitOptions, make_loader
+from roadshift.training import FitOptions, TrainResult, fit, make_loader
 
 EpochCallback = Callable[[dict[str, float], int], None]
 
@@ -174,3 +175,46 @@ def eval_loader(
     transform = create_eval_transform(spec.image_size, spec.mean, spec.std)
     dataset = ManifestDataset(frame, root, spec.class_names, transform)
     return make_loader(dataset, batch_size, shuffle=False, seed=seed)
+
+
+@dataclass
+class TrainedModel:
+    """A model trained with every parameter at one lr, and what the stage reports about it."""
+
+    model: nn.Module
+    spec: ModelSpec
+    manifest: pd.DataFrame
+    result: TrainResult
+    lr_choice: LearningRateChoice
+
+
+def train_new_model(
+    stage: str,
+    manifest_path: Path,
+    params: Params,
+    root: Path,
+    device: torch.device,
+    *,
+    weights: str | None,
+    on_epoch_end: EpochCallback | None,
+) -> TrainedModel:
+    """Source pretraining and the scratch baseline: a new model from ``params.model`` trained
+    on a manifest's train split, best epoch chosen on its val split, checkpointed."""
+    section: TrainSection = getattr(params, TRAINING_SECTIONS[stage])
+    manifest = read_manifest(manifest_path)
+    spec = new_model_spec(params, class_names(manifest))
+    model = new_model(spec, params, weights=weights)
+    train = train_loader(manifest, root, spec, section, params)
+    groups = [{"params": list(model.parameters()), "lr": section.lr, "name": "all"}]
+    lr_choice = tune_learning_rate(stage, section, model, groups, train, device, root)
+    result = fit(
+        model,
+        lr_choice.param_groups,
+        train,
+        eval_loader(manifest, "val", root, spec, params.evaluate.batch_size, params.base.seed),
+        fit_options(section, params, stage),
+        device=device,
+        on_epoch_end=on_epoch_end,
+        checkpoint=stage_checkpointing(stage, params, root, manifest_path),
+    )
+    return TrainedModel(model, spec, manifest, result, lr_choice)

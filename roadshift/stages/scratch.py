@@ -12,7 +12,6 @@ import json
 from pathlib import Path
 
 from roadshift.config import Params
-from roadshift.data.manifest import class_names, read_manifest
 from roadshift.distributed import current_group
 from roadshift.jsonio import write_json
 from roadshift.layout import Layout
@@ -20,15 +19,9 @@ from roadshift.models import save_model_dir
 from roadshift.stages.common import (
     EpochCallback,
     StageOutcome,
-    eval_loader,
-    fit_options,
-    new_model,
-    new_model_spec,
-    stage_checkpointing,
-    train_loader,
-    tune_learning_rate,
+    train_new_model,
 )
-from roadshift.training import configure_runtime, fit
+from roadshift.training import configure_runtime
 
 DISABLED_MARKER = "disabled.json"
 
@@ -56,35 +49,26 @@ def run_scratch(
         _write_disabled_marker(model_dir)
         return StageOutcome({}, [write_json(layout.metrics("scratch"), {})])
     device = configure_runtime(params.base)
-    manifest_path = layout.validated_manifest("target")
-    manifest = read_manifest(manifest_path)
-    spec = new_model_spec(params, class_names(manifest))
-    model = new_model(spec, params, weights=None)
-    section = params.finetune
-    train = train_loader(manifest, root, spec, section, params)
-    groups = [{"params": list(model.parameters()), "lr": section.lr, "name": "all"}]
-    lr_choice = tune_learning_rate("scratch", section, model, groups, train, device, root)
-    result = fit(
-        model,
-        lr_choice.param_groups,
-        train,
-        eval_loader(manifest, "val", root, spec, params.evaluate.batch_size, params.base.seed),
-        fit_options(section, params, "scratch"),
-        device=device,
+    trained = train_new_model(
+        "scratch",
+        layout.validated_manifest("target"),
+        params,
+        root,
+        device,
+        weights=None,
         on_epoch_end=on_epoch_end,
-        checkpoint=stage_checkpointing("scratch", params, root, manifest_path),
     )
     if not current_group().is_main:
         return StageOutcome({})  # rank 0 alone writes the model and metrics
     metrics = {
-        "best_epoch": float(result.best_epoch),
-        "scratch_val_accuracy": result.best_val_accuracy,
-        **lr_choice.metrics,
+        "best_epoch": float(trained.result.best_epoch),
+        "scratch_val_accuracy": trained.result.best_val_accuracy,
+        **trained.lr_choice.metrics,
     }
-    saved = save_model_dir(model, spec, model_dir)
+    saved = save_model_dir(trained.model, trained.spec, model_dir)
     metrics_path = write_json(layout.metrics("scratch"), metrics)
     return StageOutcome(
         metrics,
-        [metrics_path, *lr_choice.artifacts],
-        {"model_dir": saved, "history": result.history},
+        [metrics_path, *trained.lr_choice.artifacts],
+        {"model_dir": saved, "history": trained.result.history},
     )
