@@ -15,7 +15,7 @@ export PREFECT_HOME ?= $(CURDIR)/.prefect
 # DVC runs each stage as `roadshift stage <name>`: it must find the venv's tools.
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: setup data run test lint format lock mlflow-ui prefect-ui
+.PHONY: setup data run test bench lint format lock mlflow-ui prefect-ui
 
 setup: $(STAMP)
 
@@ -42,6 +42,10 @@ prefect-ui: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest
+
+# Every benchmark in bench/, one after another; writes bench/RESULTS.md (about 10 minutes here).
+bench: $(STAMP)
+	$(PY) bench/run_all.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
