@@ -7,11 +7,13 @@ ENV PIP_NO_CACHE_DIR=1 \
     PYTHONUNBUFFERED=1
 
 # mlflow[auth] brings Flask-WTF (the basic-auth app's CSRF protection); pinned here as well.
-# psycopg2-binary and boto3 pins match requirements.lock.
+# SQLAlchemy 2.1 maps postgresql:// to psycopg 3 (not psycopg2). Pins match requirements.lock,
+# the versions tests/test_team_mode.py runs an mlflow server with against PostgreSQL.
 RUN pip install \
       "mlflow[auth]==3.17.2" \
       "Flask-WTF==1.3.0" \
-      "psycopg2-binary==2.9.13" \
+      "SQLAlchemy==2.1.9" \
+      "psycopg[binary]==3.3.9" \
       "boto3==1.43.117"
 
 RUN useradd --create-home --uid 1001 mlflow
