@@ -164,7 +164,12 @@ def _run_stages(root: Path, mlflow_run_id: str) -> list[StageRun]:
 def training_pipeline(root: str = ".") -> PipelineResult:
     import mlflow
 
-    from roadshift.tracking import configure_tracking, flatten_params
+    from roadshift.tracking import (
+        configure_tracking,
+        explain_tracking_outage,
+        flatten_params,
+        resolve_tracking_uri,
+    )
 
     logger = get_run_logger()
     root_path = Path(root).resolve()
@@ -172,17 +177,19 @@ def training_pipeline(root: str = ".") -> PipelineResult:
     data_versions = version_data(root_path, params)
     logger.info("data versions: %s", data_versions)
 
-    configure_tracking(params, root_path)
     prefect_tags = {"prefect.flow_run_id": str(flow_run.get_id() or "")}
     tags = {**lineage_tags(params, root_path, prefect_tags), "roadshift.stage": "pipeline"}
-    with mlflow.start_run(run_name="training-pipeline", tags=tags) as parent:
-        mlflow.log_params(flatten_params(params))
-        mlflow.log_dict(params_to_dict(params), "resolved_params.json")
-        with _parent_run_env(parent.info.run_id):
-            stage_runs = _run_stages(root_path, parent.info.run_id)
-        metrics = read_json(Layout(root_path).metrics("evaluate"))
-        mlflow.log_metrics(metrics)
-        registration, _ = register(root_path, params, parent.info.run_id, prefect_tags)
+    tracking_uri = resolve_tracking_uri(params.tracking, root_path)
+    with explain_tracking_outage(tracking_uri, "running the training pipeline"):
+        configure_tracking(params, root_path)
+        with mlflow.start_run(run_name="training-pipeline", tags=tags) as parent:
+            mlflow.log_params(flatten_params(params))
+            mlflow.log_dict(params_to_dict(params), "resolved_params.json")
+            with _parent_run_env(parent.info.run_id):
+                stage_runs = _run_stages(root_path, parent.info.run_id)
+            metrics = read_json(Layout(root_path).metrics("evaluate"))
+            mlflow.log_metrics(metrics)
+            registration, _ = register(root_path, params, parent.info.run_id, prefect_tags)
     push_to_remote(root_path)
 
     result = PipelineResult(

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -25,6 +26,7 @@ OFFLINE_ENV = {
 }
 
 TRAINING_STAGES = ("pretrain", "finetune", "scratch", "evaluate")
+DATA_PARALLEL_STAGES = ("pretrain", "finetune", "scratch")
 STAGES = ("prepare", "validate", *TRAINING_STAGES, "register")
 
 
@@ -36,6 +38,7 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     from roadshift.reproduce import ReproductionError
     from roadshift.stages.finetune import LabelSetMismatchError
     from roadshift.stages.validate import DataValidationError
+    from roadshift.tracking import TrackingUnavailableError
     from roadshift.training import TrainingDivergedError
 
     return (
@@ -45,6 +48,7 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
         LabelSetMismatchError,
         PromotionError,
         ReproductionError,
+        TrackingUnavailableError,
         TrainingDivergedError,
         WeightsError,
         FileNotFoundError,
@@ -119,11 +123,28 @@ def _log_outcome(outcome) -> None:
 
 
 def command_stage(args: argparse.Namespace) -> int:
-    from roadshift.distributed import is_main_process, shutdown_distributed
-    from roadshift.tracking import configure_tracking, stage_run
+    from roadshift.distributed import (
+        TRAIN_PROCESSES_ENV,
+        is_main_process,
+        launched_by_torchrun,
+        requested_processes,
+        shutdown_distributed,
+        torchrun_command,
+    )
+    from roadshift.tracking import (
+        configure_tracking,
+        explain_tracking_outage,
+        resolve_tracking_uri,
+        stage_run,
+    )
 
     root = Path(args.root).resolve()
     params = load_params(root / args.params, args.set)
+    if args.name in DATA_PARALLEL_STAGES and not launched_by_torchrun():
+        processes = requested_processes()
+        if processes > 1:
+            print(f"{args.name}: {TRAIN_PROCESSES_ENV}={processes}: starting torchrun")
+            return subprocess.run(torchrun_command(processes, args.argv), check=False).returncode
     if not is_main_process():
         # a torchrun worker besides rank 0: it trains its shard; rank 0 tracks and writes
         try:
@@ -131,11 +152,13 @@ def command_stage(args: argparse.Namespace) -> int:
         finally:
             shutdown_distributed()
         return 0
-    configure_tracking(params, root)
+    tracking_uri = resolve_tracking_uri(params.tracking, root)
     try:
-        with stage_run(args.name, params, root):
-            outcome = _run_stage_function(args.name, params, root)
-            _log_outcome(outcome)
+        with explain_tracking_outage(tracking_uri, f"running stage {args.name}"):
+            configure_tracking(params, root)
+            with stage_run(args.name, params, root):
+                outcome = _run_stage_function(args.name, params, root)
+                _log_outcome(outcome)
     finally:
         shutdown_distributed()
     return 0
@@ -198,6 +221,19 @@ def command_data_add(args: argparse.Namespace) -> int:
         return 2
     print(f"added {len(result.copied)} image(s) under {result.domain_dir}")
     print(f"{args.domain} data version: {result.old_version or 'none'} -> {result.new_version}")
+    return 0
+
+
+def command_data_pull(args: argparse.Namespace) -> int:
+    from roadshift.dvc_repo import DVC_REMOTE_ENV, chosen_remote, pull_domain_data
+
+    root = Path(args.root).resolve()
+    versions = pull_domain_data(load_params(root / args.params), root)
+    remote = chosen_remote() or "the default remote"
+    print(
+        f"pulled from {remote} ({DVC_REMOTE_ENV}): "
+        + ", ".join(f"{domain} {version}" for domain, version in versions.items())
+    )
     return 0
 
 
@@ -444,6 +480,11 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("path", help="folder of <class>/<image> files (copied; never overwrites)")
     add.add_argument("--params", default="params.yaml")
     add.set_defaults(handler=command_data_add)
+    pull = data.add_parser(
+        "pull", help="fetch the committed data versions from the DVC remote ($ROADSHIFT_DVC_REMOTE)"
+    )
+    pull.add_argument("--params", default="params.yaml")
+    pull.set_defaults(handler=command_data_pull)
     check = data.add_parser("validate", help="run the data checks on any ImageFolder tree")
     check.add_argument("folder", help="<class>/<image> or <split>/<class>/<image> tree")
     check.add_argument("--against", help="other domain's tree: the class sets must match")
@@ -504,6 +545,7 @@ def main(argv: list[str] | None = None) -> int:
     for key, value in OFFLINE_ENV.items():
         os.environ.setdefault(key, value)
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # to relaunch under torchrun
     handler: Callable[[argparse.Namespace], int] | None = getattr(args, "handler", None)
     if handler is None:
         build_parser().print_help()

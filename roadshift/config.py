@@ -286,6 +286,15 @@ class TrackingSection(_Section):
         None, description="MLflow tracking URI; env MLFLOW_TRACKING_URI wins; default: local SQLite"
     )
     experiment: str = Field("roadshift", min_length=1)
+    request_retries: int = Field(
+        3, ge=0, le=20, description="retries of a failed call to a tracking server, then give up"
+    )
+    request_backoff_seconds: int = Field(
+        1, ge=0, le=60, description="first wait between retries; doubles on each retry"
+    )
+    request_timeout_seconds: int = Field(
+        30, gt=0, le=600, description="one request's time limit against a tracking server"
+    )
 
 
 # Section names follow dvc.yaml's stages; two of them ("validate", "register") shadow

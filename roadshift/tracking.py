@@ -25,6 +25,13 @@ from roadshift.layout import Layout
 TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
 PARENT_RUN_ENV = "ROADSHIFT_PARENT_RUN_ID"
 STAGE_TAG = "roadshift.stage"
+RETRIES_ENV = "MLFLOW_HTTP_REQUEST_MAX_RETRIES"
+BACKOFF_ENV = "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"
+TIMEOUT_ENV = "MLFLOW_HTTP_REQUEST_TIMEOUT"
+
+
+class TrackingUnavailableError(RuntimeError):
+    """The tracking server stopped answering and MLflow's bounded retries ran out."""
 
 
 def _default_store(root: Path) -> Path:
@@ -78,8 +85,70 @@ def _set_tracking_uri_in_process(tracking_uri: str) -> None:
         os.environ[TRACKING_URI_ENV] = before
 
 
+def bound_request_retries(cfg: TrackingSection) -> None:
+    """Give MLflow's HTTP client our retry budget unless its own variables are already set.
+
+    MLflow's default (7 retries, backoff factor 2, 120 s timeout) keeps a run waiting
+    for minutes on a dead server. Set in the environment, the budget also reaches the
+    stage subprocesses DVC starts.
+    """
+    os.environ.setdefault(RETRIES_ENV, str(cfg.request_retries))
+    os.environ.setdefault(BACKOFF_ENV, str(cfg.request_backoff_seconds))
+    os.environ.setdefault(TIMEOUT_ENV, str(cfg.request_timeout_seconds))
+
+
+def is_tracking_server(tracking_uri: str) -> bool:
+    return tracking_uri.startswith(("http://", "https://"))
+
+
+def tracking_server_answers(tracking_uri: str, timeout_s: float = 5.0) -> bool:
+    """One plain GET of the server's ``/health``; no retries, so the answer is quick."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{tracking_uri.rstrip('/')}/health", timeout=timeout_s):
+            return True
+    except urllib.error.HTTPError:
+        return True  # it answered, even if with an error status
+    except (OSError, ValueError):
+        return False
+
+
+def _retry_budget() -> str:
+    retries = os.environ.get(RETRIES_ENV, "?")
+    backoff = os.environ.get(BACKOFF_ENV, "?")
+    return f"{retries} retries, backoff factor {backoff} s ({RETRIES_ENV}, {BACKOFF_ENV})"
+
+
+@contextmanager
+def explain_tracking_outage(tracking_uri: str, doing: str) -> Iterator[None]:
+    """Turn any failure while the tracking server is down into one clear, actionable error.
+
+    MLflow reports an outage as a connection traceback from deep inside a request,
+    or (under DVC) as a failed stage. Only when the server really does not answer
+    is the error replaced; every other failure propagates untouched.
+    """
+    try:
+        yield
+    except TrackingUnavailableError:
+        raise
+    except Exception as error:
+        if not is_tracking_server(tracking_uri) or tracking_server_answers(tracking_uri):
+            raise
+        raise TrackingUnavailableError(
+            f"the MLflow tracking server {tracking_uri} stopped answering while {doing}; "
+            f"gave up after {_retry_budget()}. What was logged before the outage is kept; "
+            "the registry's aliases (champion) move only as a registration's last step, so "
+            "they are as they were unless that step finished. Start the server again and "
+            "rerun: DVC skips the stages that finished and training resumes from its last "
+            "checkpoint"
+        ) from error
+
+
 def configure_tracking(params: Params, root: Path) -> str:
     """Point MLflow at the store and experiment for this project; returns the experiment id."""
+    bound_request_retries(params.tracking)
     tracking_uri = resolve_tracking_uri(params.tracking, root)
     _ensure_sqlite_parent(tracking_uri)
     _set_tracking_uri_in_process(tracking_uri)
