@@ -49,6 +49,11 @@ class Layout:
         return self.root / ".roadshift" / "checkpoints" / stage
 
     @property
+    def decoded_cache_dir(self) -> Path:
+        """Decoded uint8 image arrays (``roadshift.data.decoded``); rebuilt when missing."""
+        return self.root / ".roadshift" / "cache" / "decoded"
+
+    @property
     def mlflow_dir(self) -> Path:
         return self.root / "mlruns"
 

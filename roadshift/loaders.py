@@ -76,6 +76,11 @@ class EpochBatchSampler(Sampler):
         return len(self._batches())
 
 
+def _already_collated(batch):
+    """For datasets whose ``__getitems__`` returns a finished batch (``returns_batches``)."""
+    return batch
+
+
 def resolve_num_workers(setting: int | str) -> int:
     """``auto``: keep a GPU fed with up to 8 workers; on a CPU-only machine use workers only
     when there are cores to spare beyond the training threads (more than 4)."""
@@ -109,9 +114,11 @@ def make_loader(
         rank=group.rank if sharded else 0,
         world_size=group.world_size if sharded else 1,
     )
+    batched = getattr(dataset, "returns_batches", False)
     return DataLoader(
         dataset,
         batch_sampler=sampler,
+        collate_fn=_already_collated if batched else None,
         num_workers=num_workers,
         persistent_workers=num_workers > 0,
         pin_memory=torch.cuda.is_available(),

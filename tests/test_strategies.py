@@ -327,8 +327,8 @@ def test_embedding_cache_trains_the_model_head_from_image_files(tmp_path):
 
 
 def _images(manifest: pd.DataFrame, root, spec: ModelSpec, split: str):
+    from roadshift.data.batch_transforms import create_batch_transform
     from roadshift.data.dataset import ManifestDataset, split_frame
-    from roadshift.data.transforms import create_eval_transform
 
-    transform = create_eval_transform(spec.image_size, spec.mean, spec.std)
+    transform = create_batch_transform(spec.image_size, spec.mean, spec.std)
     return ManifestDataset(split_frame(manifest, split), root, spec.class_names, transform)

@@ -15,9 +15,9 @@ from torch.utils.data import DataLoader
 
 from roadshift.checkpoints import Checkpointing, fingerprint
 from roadshift.config import Params, TrainSection, params_to_dict
+from roadshift.data.batch_transforms import create_batch_transform
 from roadshift.data.dataset import ManifestDataset, split_frame
 from roadshift.data.manifest import class_names, read_manifest
-from roadshift.data.transforms import create_eval_transform, create_train_transform
 from roadshift.layout import Layout
 from roadshift.models import (
     IMAGENET_MEAN,
@@ -151,9 +151,7 @@ def stage_checkpointing(
 def train_loader(
     manifest: pd.DataFrame, root: Path, spec: ModelSpec, section: TrainSection, params: Params
 ) -> DataLoader:
-    transform = create_train_transform(
-        spec.image_size, spec.mean, spec.std, section.augment, seed=params.base.seed
-    )
+    transform = create_batch_transform(spec.image_size, spec.mean, spec.std, section.augment)
     dataset = ManifestDataset(split_frame(manifest, "train"), root, spec.class_names, transform)
     if len(dataset) == 0:
         raise ValueError("the manifest has no images in the train split")
@@ -172,7 +170,7 @@ def eval_loader(
     frame = split_frame(manifest, split)
     if frame.empty:
         return None
-    transform = create_eval_transform(spec.image_size, spec.mean, spec.std)
+    transform = create_batch_transform(spec.image_size, spec.mean, spec.std)
     dataset = ManifestDataset(frame, root, spec.class_names, transform)
     return make_loader(dataset, batch_size, shuffle=False, seed=seed)
 

@@ -19,9 +19,9 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from roadshift.config import Params
+from roadshift.data.batch_transforms import create_batch_transform
 from roadshift.data.dataset import ManifestDataset, split_frame
 from roadshift.data.manifest import class_names, read_manifest
-from roadshift.data.transforms import create_eval_transform
 from roadshift.distributed import current_group
 from roadshift.jsonio import write_json
 from roadshift.layout import Layout
@@ -74,9 +74,9 @@ def _train_sample_loader(
     frame = split_frame(manifest, "train")
     if frame.empty:
         raise ValueError("the manifest has no images in the train split to measure")
-    frame = frame.sample(n=min(size, len(frame)), random_state=seed).reset_index(drop=True)
-    transform = create_eval_transform(spec.image_size, spec.mean, spec.std)
-    dataset = ManifestDataset(frame, root, spec.class_names, transform)
+    sample = frame.sample(n=min(size, len(frame)), random_state=seed).index
+    transform = create_batch_transform(spec.image_size, spec.mean, spec.std)
+    dataset = ManifestDataset(frame, root, spec.class_names, transform).subset(sample)
     return make_loader(dataset, batch_size, shuffle=False, seed=seed)
 
 

@@ -22,8 +22,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from roadshift.config import FinetuneSection
+from roadshift.data.batch_transforms import create_batch_transform
 from roadshift.data.dataset import ManifestDataset, split_frame
-from roadshift.data.transforms import create_eval_transform, create_train_transform
 from roadshift.models import ModelSpec, head_module_name
 from roadshift.training import EpochCallback, FitOptions, TrainResult, fit, make_loader
 from roadshift.transfer.domain import head_inputs
@@ -38,17 +38,14 @@ def view_loaders(
     views: int,
 ) -> list[DataLoader]:
     """One ordered loader per view: view 0 with the eval transform, view ``v`` with the
-    train transform seeded ``seed + v`` (distinct but reproducible augmentations)."""
+    train transform, its batches seeded from ``seed + v`` (distinct but reproducible
+    augmentations). All views share one decoded array."""
+    clean = create_batch_transform(spec.image_size, spec.mean, spec.std)
+    augmented = create_batch_transform(spec.image_size, spec.mean, spec.std, section.augment)
+    images = ManifestDataset(frame, root, spec.class_names, clean)
     loaders = []
     for view in range(views):
-        transform = (
-            create_eval_transform(spec.image_size, spec.mean, spec.std)
-            if view == 0
-            else create_train_transform(
-                spec.image_size, spec.mean, spec.std, section.augment, seed=seed + view
-            )
-        )
-        dataset = ManifestDataset(frame, root, spec.class_names, transform)
+        dataset = images.subset(range(len(images)), augmented if view > 0 else clean)
         loaders.append(
             make_loader(
                 dataset,

@@ -1,0 +1,216 @@
+"""Preprocessing and augmentation of whole uint8 batches, as a few vectorised torch ops.
+
+Per-image albumentations pipelines cost more than the model's own training step on a
+small CPU machine (profiled: about 0.3 ms per 64 px image, a third of the step), so the
+training loaders take decoded uint8 batches (``roadshift.data.decoded``) and augment
+them here in one go. Every random draw of a batch comes from one ``torch.Generator``
+seeded with the batch's seed (``roadshift.loaders``), so augmentations stay a pure
+function of ``(seed, epoch, batch)``: the same with any worker count or resume point.
+
+The augmentations keep the meaning of ``params.yaml``'s ``augment`` section:
+
+* random resized crop (area ``scale_min``..1, aspect 3/4..4/3) and, with probability
+  0.5, a rotation within ``rotate_limit`` degrees, sampled together as one affine
+  warp with reflected borders (one ``grid_sample`` instead of two resamplings);
+* with probability 0.5 each: brightness and contrast (``brightness_contrast``, as
+  albumentations: ``x * (1 + c) + b``), and hue/saturation/value (``hue_saturation =
+  h``: hue rotated by up to +-2h degrees, which is albumentations' +-h in OpenCV's
+  180-per-turn units; saturation scaled by up to +-2h %; value shifted by up to +-h of
+  255). Hue and saturation are linear maps here (rotation about the grey axis, the
+  SVG/CSS hue-rotate filter, and a lerp from luma) rather than a round trip through
+  HSV: all colour changes of a batch then fold into one matmul, at a fifth of the cost;
+* Gaussian blur (kernel 3 or 5) with ``blur_probability`` and Gaussian noise (std
+  2-8 % of the range) with ``noise_probability``.
+
+Horizontal flips stay absent (see ``roadshift.data.transforms``). Evaluation needs no
+randomness: ``EvalBatchTransform`` normalises through the same per-channel lookup table
+albumentations' ``Normalize`` uses, so its tensors are bitwise those of
+``create_eval_transform`` (which the registered model still uses on raw images).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from roadshift.config import AugmentSection
+
+
+def normalisation_table(mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
+    """(3, 256) float32: albucore's ``normalize_lut`` table, computed the same way."""
+    mean_np = np.array(mean, dtype=np.float32) * 255.0
+    denominator = np.reciprocal(np.array(std, dtype=np.float32) * 255.0)
+    values = np.arange(256, dtype=np.float32)
+    table = (values - mean_np.reshape(-1, 1)) * denominator.reshape(-1, 1)
+    return torch.from_numpy(table.astype(np.float32))
+
+
+class EvalBatchTransform:
+    """uint8 (N, H, W, 3) -> normalised float32 (N, 3, H, W), channels_last in memory."""
+
+    def __init__(self, image_size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+        self.image_size = image_size
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+        self._table = normalisation_table(mean, std).flatten()
+        self._offsets = torch.arange(3, dtype=torch.int64) * 256
+
+    def normalise_uint8(self, images: torch.Tensor) -> torch.Tensor:
+        """Table lookup per channel; the NHWC->NCHW permute is a view, so the result is
+        channels_last, the layout the CPU and GPU convolutions here run fastest on."""
+        index = images.to(torch.int64) + self._offsets
+        return self._table[index].permute(0, 3, 1, 2)
+
+    def __call__(
+        self, images: torch.Tensor, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        return self.normalise_uint8(images)
+
+
+class TrainBatchTransform(EvalBatchTransform):
+    """The seeded train augmentations of one batch (see the module docstring)."""
+
+    def __init__(
+        self,
+        image_size: int,
+        mean: tuple[float, ...],
+        std: tuple[float, ...],
+        augment: AugmentSection,
+    ) -> None:
+        super().__init__(image_size, mean, std)
+        self.augment = augment
+
+    def __call__(
+        self, images: torch.Tensor, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        x = images.permute(0, 3, 1, 2).to(torch.float32).div_(255.0)
+        x = self._crop_and_rotate(x, generator)
+        x = self._colour(x, generator)
+        x = self._blur(x, generator)
+        x = self._noise(x, generator)
+        return (x.clamp_(0.0, 1.0) - self.mean) / self.std
+
+    # -- geometry -------------------------------------------------------------------------
+
+    def _crop_and_rotate(self, x: torch.Tensor, g: torch.Generator | None) -> torch.Tensor:
+        """Output pixel -> crop centre + diag(w, h) @ R(angle) @ output coordinate."""
+        n, aug = len(x), self.augment
+        area = _uniform(n, aug.scale_min, 1.0, g)
+        log_ratio = _uniform(n, math.log(3 / 4), math.log(4 / 3), g)
+        width = torch.sqrt(area * torch.exp(log_ratio)).clamp(max=1.0)
+        height = torch.sqrt(area / torch.exp(log_ratio)).clamp(max=1.0)
+        centre_x = _uniform(n, -1.0, 1.0, g) * (1.0 - width)
+        centre_y = _uniform(n, -1.0, 1.0, g) * (1.0 - height)
+        angle = torch.deg2rad(_uniform(n, -aug.rotate_limit, aug.rotate_limit, g))
+        angle = angle * _chosen(n, 0.5, g)
+        cos, sin = torch.cos(angle), torch.sin(angle)
+        theta = torch.stack(
+            [
+                torch.stack([width * cos, -width * sin, centre_x], dim=1),
+                torch.stack([height * sin, height * cos, centre_y], dim=1),
+            ],
+            dim=1,
+        )
+        size = (n, 3, self.image_size, self.image_size)
+        grid = F.affine_grid(theta, list(size), align_corners=False)
+        return F.grid_sample(
+            x, grid, mode="bilinear", padding_mode="reflection", align_corners=False
+        )
+
+    # -- colour ---------------------------------------------------------------------------
+
+    def _colour(self, x: torch.Tensor, g: torch.Generator | None) -> torch.Tensor:
+        """Brightness/contrast and hue/saturation/value as one per-image affine colour map
+        (a 3x3 matrix and an offset, applied with one batched matmul)."""
+        n, aug = len(x), self.augment
+        limit, hsv = aug.brightness_contrast, float(aug.hue_saturation)
+        applied = _chosen(n, 0.5, g)
+        contrast = 1.0 + _uniform(n, -limit, limit, g) * applied
+        brightness = _uniform(n, -limit, limit, g) * applied
+        applied = _chosen(n, 0.5, g)
+        hue = torch.deg2rad(_uniform(n, -2 * hsv, 2 * hsv, g)) * applied  # OpenCV: 2 deg/unit
+        saturation = 1.0 + _uniform(n, -2 * hsv, 2 * hsv, g) / 100.0 * applied
+        value = _uniform(n, -hsv, hsv, g) / 255.0 * applied
+        matrix = contrast.view(n, 1, 1) * _saturation_matrix(saturation) @ _hue_matrix(hue)
+        offset = (brightness + value).view(n, 1, 1).expand(n, 3, 1)
+        flat = torch.baddbmm(offset, matrix, x.reshape(n, 3, -1))
+        return flat.view_as(x).clamp_(0.0, 1.0)
+
+    # -- blur and noise -------------------------------------------------------------------
+
+    def _blur(self, x: torch.Tensor, g: torch.Generator | None) -> torch.Tensor:
+        """Separable Gaussian, kernel 3 or 5 and sigma 0.5-3 per image, reflected borders."""
+        n = len(x)
+        applied = _chosen(n, self.augment.blur_probability, g)
+        wide = _chosen(n, 0.5, g)
+        sigma = _uniform(n, 0.5, 3.0, g)
+        rows = torch.nonzero(applied).flatten()
+        if len(rows) == 0:
+            return x
+        offsets = torch.arange(-2, 3, dtype=torch.float32)
+        kernel = torch.exp(-0.5 * (offsets / sigma[rows].view(-1, 1)) ** 2)
+        kernel = kernel * ((offsets.abs() <= 1) | wide[rows].view(-1, 1).bool())
+        kernel = (kernel / kernel.sum(dim=1, keepdim=True)).repeat_interleave(3, dim=0)
+        k, size = len(rows), x.shape[-1]
+        blurred = F.pad(x[rows].reshape(1, k * 3, size, size), (2, 2, 2, 2), mode="reflect")
+        blurred = F.conv2d(blurred, kernel.view(k * 3, 1, 1, 5), groups=k * 3)
+        blurred = F.conv2d(blurred, kernel.view(k * 3, 1, 5, 1), groups=k * 3)
+        x = x.clone()
+        x[rows] = blurred.view(k, 3, size, size)
+        return x
+
+    def _noise(self, x: torch.Tensor, g: torch.Generator | None) -> torch.Tensor:
+        n = len(x)
+        applied = _chosen(n, self.augment.noise_probability, g)
+        std = _uniform(n, 0.02, 0.08, g)
+        rows = torch.nonzero(applied).flatten()
+        if len(rows) == 0:
+            return x
+        noise = torch.randn(x[rows].shape, generator=g) * std[rows].view(-1, 1, 1, 1)
+        x = x.clone()
+        x[rows] += noise
+        return x
+
+
+def create_batch_transform(
+    image_size: int,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    augment: AugmentSection | None = None,
+) -> EvalBatchTransform:
+    """The train transform when ``augment`` is given and enabled, else the eval one."""
+    if augment is None or not augment.enabled:
+        return EvalBatchTransform(image_size, mean, std)
+    return TrainBatchTransform(image_size, mean, std, augment)
+
+
+def _uniform(n: int, low: float, high: float, g: torch.Generator | None) -> torch.Tensor:
+    return low + (high - low) * torch.rand(n, generator=g)
+
+
+def _chosen(n: int, probability: float, g: torch.Generator | None) -> torch.Tensor:
+    """1.0 where an augmentation applies, 0.0 elsewhere; always n draws, so what one
+    augmentation decides never shifts the random stream of the next."""
+    return (torch.rand(n, generator=g) < probability).to(torch.float32)
+
+
+LUMA = torch.tensor([0.213, 0.715, 0.072])  # Rec. 709 weights, as the hue-rotate filter
+
+
+def _hue_matrix(angle: torch.Tensor) -> torch.Tensor:
+    """(n, 3, 3) rotations of RGB about the grey axis: the hue-rotate filter (SVG/CSS),
+    a linear stand-in for an HSV hue shift that keeps luma."""
+    cos, sin = torch.cos(angle).view(-1, 1, 1), torch.sin(angle).view(-1, 1, 1)
+    luma = LUMA.expand(3, 3)
+    identity = torch.eye(3)
+    rotate = torch.tensor([[-0.213, -0.715, 0.928], [0.143, 0.140, -0.283], [-0.787, 0.715, 0.072]])
+    return luma + cos * (identity - luma) + sin * rotate
+
+
+def _saturation_matrix(factor: torch.Tensor) -> torch.Tensor:
+    """(n, 3, 3): each colour moved away from (factor > 1) or towards its luma."""
+    luma = LUMA.expand(3, 3)
+    return luma + factor.view(-1, 1, 1) * (torch.eye(3) - luma)
