@@ -21,6 +21,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from roadshift.training import create_optimizer
+
 MIN_POINTS = 10
 """Fewer recorded steps than this cannot show a descent followed by a minimum."""
 
@@ -101,7 +103,7 @@ def lr_range_test(
     model.to(device)
     with _restored_model(model), _forked_rng(device), torch.enable_grad():
         (prepare or nn.Module.train)(model)
-        optimizer = torch.optim.AdamW(groups, weight_decay=weight_decay)
+        optimizer = create_optimizer(groups, weight_decay)
         sweep = _Sweep(start_lr, end_lr, num_steps, smoothing, diverge_factor)
         for step, (inputs, targets) in zip(range(num_steps), _cycle(loader), strict=False):
             lr = sweep.lr_at(step)

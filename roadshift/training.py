@@ -100,9 +100,18 @@ def amp_dtype(device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
+def create_optimizer(param_groups: list[dict], weight_decay: float) -> torch.optim.Optimizer:
+    """AdamW with the fused kernel: PyTorch picks its per-tensor loop on CPU, which took
+    15-40 ms per step of the default backbone here against 2 ms fused (a quarter of the
+    whole training step). Deterministic, and its state dict is the usual one."""
+    return torch.optim.AdamW(param_groups, weight_decay=weight_decay, fused=True)
+
+
 def _to_device(images: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """channels_last on every device: measured here, a CPU training step of the default
+    backbone runs about 1.8x faster on it than on NCHW (bench/bench_training_loop.py)."""
     images = images.to(device, non_blocking=True)
-    if device.type == "cuda" and images.dim() == 4:
+    if images.dim() == 4:
         images = images.contiguous(memory_format=torch.channels_last)
     return images
 
@@ -368,11 +377,9 @@ def fit(
     main = group.is_main
     if group.is_distributed and main:
         print(f"{options.description}: data-parallel on {group.world_size} processes")
-    model.to(device)
-    if device.type == "cuda":
-        model.to(memory_format=torch.channels_last)
+    model.to(device).to(memory_format=torch.channels_last)  # see _to_device
     dtype = amp_dtype(device)
-    optimizer = torch.optim.AdamW(param_groups, weight_decay=options.weight_decay)
+    optimizer = create_optimizer(param_groups, options.weight_decay)
     step = _Step(
         optimizer=optimizer,
         scheduler=create_scheduler(optimizer, options, max(1, options.epochs * len(train_loader))),
