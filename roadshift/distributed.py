@@ -29,8 +29,41 @@ class ProcessGroup:
         return self.world_size > 1
 
 
+# How many processes a training stage runs on: unset or 1 = one; N; "gpu" = one per visible
+# GPU. An environment switch (a work pool's job variables), so dvc.yaml's stage commands
+# and their hashes stay the same whichever machine runs them.
+TRAIN_PROCESSES_ENV = "ROADSHIFT_TRAIN_PROCESSES"
+
+
 def launched_by_torchrun() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def requested_processes() -> int:
+    """``ROADSHIFT_TRAIN_PROCESSES`` as a process count; a bad value is refused by name."""
+    raw = os.environ.get(TRAIN_PROCESSES_ENV, "").strip().lower()
+    if raw in ("", "1"):
+        return 1
+    if raw == "gpu":
+        return max(1, torch.cuda.device_count())
+    if raw.isdigit() and int(raw) >= 1:
+        return int(raw)
+    from roadshift.config import ConfigError
+
+    raise ConfigError(
+        f"{TRAIN_PROCESSES_ENV}={raw!r}: expected a process count (1, 2, ...) or 'gpu' "
+        "(one process per visible GPU)"
+    )
+
+
+def torchrun_command(processes: int, roadshift_argv: list[str]) -> list[str]:
+    """The same ``roadshift`` command, one process per rank, on this machine."""
+    import sys
+
+    return [
+        sys.executable, "-m", "torch.distributed.run", "--standalone",
+        f"--nproc_per_node={processes}", "-m", "roadshift", *roadshift_argv,
+    ]  # fmt: skip
 
 
 def current_group() -> ProcessGroup:

@@ -116,3 +116,24 @@ def test_torchrun_runs_a_pipeline_stage_and_only_rank_zero_writes(validated_proj
     assert "data-parallel on 2 processes" in output
     assert (layout.model_dir("scratch") / "weights.safetensors").is_file()
     assert layout.metrics("scratch").is_file()
+
+
+def test_an_environment_switch_runs_a_stage_data_parallel_without_changing_its_command(
+    validated_project,
+):
+    """How a work pool sends a DVC stage to several processes: ROADSHIFT_TRAIN_PROCESSES."""
+    root, layout = validated_project, Layout(validated_project)
+    env = {**venv_environment(), "ROADSHIFT_TRAIN_PROCESSES": "2"}
+    done = subprocess.run(
+        stage_command(root, "scratch"), env=env, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "data-parallel on 2 processes" in done.stdout + done.stderr
+    assert (layout.model_dir("scratch") / "weights.safetensors").is_file()
+
+    env["ROADSHIFT_TRAIN_PROCESSES"] = "many"
+    refused = subprocess.run(
+        stage_command(root, "scratch"), env=env, capture_output=True, text=True, timeout=600
+    )
+    assert refused.returncode == 2
+    assert "ROADSHIFT_TRAIN_PROCESSES='many'" in refused.stderr
