@@ -10,12 +10,39 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 _DVC_LOGGERS = ("dvc", "dvc_objects", "dvc_data")
+# Which DVC remote the pipeline pushes to and a deployment pulls from; unset: core.remote.
+# An environment switch, so one committed .dvc/config serves a laptop and a team stack.
+DVC_REMOTE_ENV = "ROADSHIFT_DVC_REMOTE"
+
+
+def chosen_remote(repo=None) -> str | None:
+    """The remote named by ``ROADSHIFT_DVC_REMOTE``, checked against ``repo``'s config if given."""
+    name = os.environ.get(DVC_REMOTE_ENV, "").strip() or None
+    if name is None or repo is None:
+        return name
+    configured = sorted(repo.config.get("remote", {}))
+    if name not in configured:
+        from roadshift.config import ConfigError
+
+        raise ConfigError(
+            f"{DVC_REMOTE_ENV}={name}: no DVC remote of that name in {repo.root_dir}/.dvc/config "
+            f"(configured: {', '.join(configured) or 'none'}); add it with "
+            f"`dvc remote add {name} <url>` or unset {DVC_REMOTE_ENV}"
+        )
+    return name
+
+
+def remote_option() -> list[str]:
+    """``["-r", name]`` for ``dvc push/pull`` when a remote is chosen, else nothing."""
+    name = chosen_remote()
+    return ["-r", name] if name else []
 
 
 def _rebind_console_handlers() -> None:
@@ -61,3 +88,40 @@ def domain_folders(params, root: Path) -> dict[str, Path]:
             raise ConfigError(f"data.{domain}.path: folder {folder} does not exist")
         folders[domain] = folder
     return folders
+
+
+def pull_domain_data(params, root: Path) -> dict[str, str]:
+    """Fetch each domain's committed data version from the chosen remote into the checkout.
+
+    What a fresh clone (a deployment's worker, a colleague) runs before the pipeline:
+    the ``.dvc`` pointers come with git, the images from the DVC remote.
+    """
+    from roadshift.config import DOMAINS
+    from roadshift.layout import Layout
+    from roadshift.lineage import dvc_data_version
+
+    root = Path(root).resolve()
+    layout = Layout(root)
+    pointers = {d: layout.data_pointer(params.data.domain(d).path) for d in DOMAINS}
+    missing = [str(p) for p in pointers.values() if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"{', '.join(missing)}: no DVC pointer committed for this data; on the machine that "
+            "has the images run `dvc add` (or `roadshift run`), commit the .dvc files and push"
+        )
+    with open_repo(root) as repo:
+        remote = chosen_remote(repo)
+        try:
+            repo.pull(targets=[str(p) for p in pointers.values()], remote=remote)
+        except Exception as error:
+            from dvc.exceptions import DvcException
+
+            if not isinstance(error, DvcException):
+                raise
+            name = remote or repo.config["core"].get("remote", "(no default remote)")
+            raise FileNotFoundError(
+                f"DVC could not fetch the data versions "
+                f"{', '.join(f'{d} {dvc_data_version(p)}' for d, p in pointers.items())} "
+                f"from remote {name!r}: {error}"
+            ) from error
+    return {d: dvc_data_version(p) or "unknown" for d, p in pointers.items()}

@@ -26,6 +26,7 @@ from pathlib import Path
 import yaml
 
 from roadshift.config import DOMAINS, Params, params_to_dict, parse_params
+from roadshift.dvc_repo import remote_option
 from roadshift.jsonio import read_json
 from roadshift.layout import Layout
 from roadshift.lineage import UNKNOWN, params_hash, sha256_file
@@ -197,7 +198,7 @@ def restore_data(worktree: Path, params: Params, lineage: Lineage, env: Mapping[
             )
         pointers.append(_write_data_pointer(worktree, params.data.domain(domain).path, md5))
     done = subprocess.run(
-        [dvc, "pull", *[str(p) for p in pointers]],
+        [dvc, "pull", *remote_option(), *[str(p) for p in pointers]],
         cwd=worktree,
         env=dict(env),
         capture_output=True,

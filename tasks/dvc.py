@@ -16,7 +16,7 @@ from pathlib import Path
 from prefect import task
 
 from roadshift.config import Params
-from roadshift.dvc_repo import domain_folders, open_repo
+from roadshift.dvc_repo import chosen_remote, domain_folders, open_repo
 from roadshift.layout import Layout
 from roadshift.lineage import dvc_data_version
 
@@ -32,11 +32,20 @@ class StageRun:
         return "ran" if self.ran else "skipped (inputs unchanged)"
 
 
-def _stage_environment() -> None:
-    """DVC runs each stage command in a shell: make sure it finds this interpreter's tools."""
-    bin_dir = str(Path(sys.executable).parent)
-    if bin_dir not in os.environ.get("PATH", "").split(os.pathsep):
-        os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
+def _put_first(variable: str, entry: str) -> None:
+    """``entry`` at the front of a path-list variable, once."""
+    entries = [e for e in os.environ.get(variable, "").split(os.pathsep) if e and e != entry]
+    os.environ[variable] = os.pathsep.join([entry, *entries])
+
+
+def _stage_environment(root: Path) -> None:
+    """DVC runs each stage command in a shell: this interpreter's tools, this checkout's code.
+
+    On a worker the checkout is a fresh clone of the deployed commit, which may differ
+    from the roadshift installed in the worker's image; the stages must run the clone's.
+    """
+    _put_first("PATH", str(Path(sys.executable).parent))
+    _put_first("PYTHONPATH", str(Path(root).resolve()))
 
 
 @task(name="version-data")
@@ -55,7 +64,7 @@ def version_data(root: Path, params: Params) -> dict[str, str]:
 
 @task(name="dvc-stage")
 def reproduce_stage(root: Path, stage: str) -> StageRun:
-    _stage_environment()
+    _stage_environment(root)
     started = time.perf_counter()
     with open_repo(root) as repo:
         reproduced = repo.reproduce(targets=[stage], single_item=True)
@@ -66,4 +75,4 @@ def reproduce_stage(root: Path, stage: str) -> StageRun:
 def push_to_remote(root: Path) -> int:
     """Send data and model versions to the DVC remote so any of them can be reproduced."""
     with open_repo(root) as repo:
-        return repo.push()
+        return repo.push(remote=chosen_remote(repo))
