@@ -103,14 +103,15 @@ def pull_domain_data(params, root: Path) -> dict[str, str]:
     root = Path(root).resolve()
     layout = Layout(root)
     pointers = {d: layout.data_pointer(params.data.domain(d).path) for d in DOMAINS}
-    missing = [str(p) for p in pointers.values() if not p.is_file()]
-    if missing:
-        raise FileNotFoundError(
-            f"{', '.join(missing)}: no DVC pointer committed for this data; on the machine that "
-            "has the images run `dvc add` (or `roadshift run`), commit the .dvc files and push"
-        )
     with open_repo(root) as repo:
         remote = chosen_remote(repo)
+        missing = [str(p) for p in pointers.values() if not p.is_file()]
+        if missing:
+            raise FileNotFoundError(
+                f"{', '.join(missing)}: no DVC pointer committed for this data; on the machine "
+                "that has the images run `dvc add` (or `roadshift run`), commit the .dvc files "
+                "and push them"
+            )
         try:
             repo.pull(targets=[str(p) for p in pointers.values()], remote=remote)
         except Exception as error:
