@@ -115,3 +115,41 @@ def test_metric_logger_refuses_to_start_a_stray_run():
     assert mlflow.active_run() is None
     with pytest.raises(RuntimeError, match="no active MLflow run"):
         MetricLogger()({"train_loss": 1.0}, 0)
+
+
+def test_an_unreachable_tracking_server_becomes_one_error_naming_it(monkeypatch):
+    from roadshift.tracking import TrackingUnavailableError, explain_tracking_outage
+    from tests.team_stack import free_port
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    expected = f"{uri} stopped answering while testing"
+    with (
+        pytest.raises(TrackingUnavailableError, match=expected),
+        explain_tracking_outage(uri, "testing"),
+    ):
+        MlflowClient(uri).search_experiments()
+
+
+def test_other_failures_pass_through_untouched(tmp_path):
+    from roadshift.tracking import explain_tracking_outage
+
+    with (
+        pytest.raises(KeyError),
+        explain_tracking_outage(f"sqlite:///{tmp_path / 'm.db'}", "testing"),
+    ):
+        raise KeyError("not a tracking problem")
+
+
+def test_the_retry_budget_comes_from_params_unless_mlflow_variables_are_set(monkeypatch):
+    from roadshift.config import TrackingSection
+    from roadshift.tracking import bound_request_retries
+
+    for name in ("MAX_RETRIES", "BACKOFF_FACTOR", "TIMEOUT"):
+        monkeypatch.setenv(f"MLFLOW_HTTP_REQUEST_{name}", "-")  # so the test's end restores it
+        monkeypatch.delenv(f"MLFLOW_HTTP_REQUEST_{name}")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    bound_request_retries(TrackingSection(request_retries=2, request_backoff_seconds=3))
+    assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "2"
+    assert os.environ["MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"] == "3"
+    assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "5"
