@@ -169,7 +169,7 @@ class TrainBatchTransform(EvalBatchTransform):
         rows = torch.nonzero(applied).flatten()
         if len(rows) == 0:
             return x
-        noise = torch.randn(x[rows].shape, generator=g) * std[rows].view(-1, 1, 1, 1)
+        noise = torch.randn((len(rows), *x.shape[1:]), generator=g) * std[rows].view(-1, 1, 1, 1)
         x = x.clone()
         x[rows] += noise
         return x
