@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -69,53 +68,3 @@ class Checkpointing:
     def clear(self) -> None:
         self.path.unlink(missing_ok=True)
         self.path.with_suffix(".pt.tmp").unlink(missing_ok=True)
-
-
-def _detached(value: Any) -> Any:
-    """A copy of ``value`` whose tensors training can no longer change."""
-    if isinstance(value, torch.Tensor):
-        return value.detach().clone()
-    if isinstance(value, dict):
-        return {key: _detached(item) for key, item in value.items()}
-    if isinstance(value, list | tuple):
-        return type(value)(_detached(item) for item in value)
-    return value
-
-
-class BackgroundCheckpointWriter:
-    """Writes each epoch's checkpoint in a thread while the next epoch trains.
-
-    Serialising the weights, optimiser state and best weights took about 60 ms per
-    epoch of the default backbone here, a quarter of a fine-tuning epoch on the small
-    target split. The state is copied first (a few ms), so training may go on
-    changing its tensors; at most one write is in flight, and ``wait`` (called when
-    the loop ends, also by an exception) lets the last one finish, so the file on disk
-    is always a whole checkpoint of a finished epoch (``Checkpointing.save`` renames).
-    """
-
-    def __init__(self, checkpointing: Checkpointing) -> None:
-        self.checkpointing = checkpointing
-        self._thread: threading.Thread | None = None
-        self._error: BaseException | None = None
-
-    def submit(self, state: dict[str, Any]) -> None:
-        self.wait()
-        snapshot = _detached(state)
-        self._thread = threading.Thread(
-            target=self._write, args=(snapshot,), name="checkpoint-writer", daemon=True
-        )
-        self._thread.start()
-
-    def _write(self, snapshot: dict[str, Any]) -> None:
-        try:
-            self.checkpointing.save(snapshot)
-        except BaseException as error:  # re-raised in the training thread by wait()
-            self._error = error
-
-    def wait(self) -> None:
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
-        if self._error is not None:
-            error, self._error = self._error, None
-            raise error

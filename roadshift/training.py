@@ -27,7 +27,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader
 
-from roadshift.checkpoints import BackgroundCheckpointWriter, Checkpointing
+from roadshift.checkpoints import Checkpointing
 from roadshift.config import BaseSection
 from roadshift.distributed import current_group, init_distributed
 from roadshift.loaders import make_loader, set_loader_epoch
@@ -411,40 +411,35 @@ def fit(
     trainable_at_wrap = _trainable_mask(model)
     train_model = _wrap_for_data_parallel(model, device)
     stopped = best.stale_epochs >= (options.early_stopping_patience or math.inf)
-    writer = BackgroundCheckpointWriter(checkpoint) if checkpoint is not None and main else None
-    try:
-        with EpochProgress(options.progress and main, options.description, options.epochs) as bars:
-            for epoch in range(done + 1, options.epochs + 1):
-                if stopped:
-                    break
-                rng = _seed_epoch(options.seed, epoch)
-                set_loader_epoch(train_loader, epoch)
-                train_model.train()
-                if prepare_epoch is not None:
-                    prepare_epoch(model, epoch)
-                    if train_model is not model and _trainable_mask(model) != trainable_at_wrap:
-                        raise ValueError(
-                            "finetune.progressive_unfreeze_epochs: changing the trainable set "
-                            "mid-run is not supported under torchrun (DistributedDataParallel)"
-                        )
-                record = _train_one_epoch(train_model, train_loader, step, epoch, rng, bars)
-                _average_buffers_across_ranks(model)
-                if val_loader is not None:
-                    record.update(_validate(model, val_loader, step.loss_fn, device))
-                best.update(record, model, epoch)
-                result.history.append(record)
-                bars.end_epoch(record)
-                stopped = best.stale_epochs >= (options.early_stopping_patience or math.inf)
-                if stopped:
-                    result.stopped_early_at = epoch
-                if main:
-                    if on_epoch_end is not None:
-                        on_epoch_end(record, epoch)
-                    if writer is not None:
-                        writer.submit(_checkpoint_state(epoch, model, step, best, result.history))
-    finally:
-        if writer is not None:
-            writer.wait()  # the last epoch's checkpoint is whole on disk, even after an error
+    with EpochProgress(options.progress and main, options.description, options.epochs) as bars:
+        for epoch in range(done + 1, options.epochs + 1):
+            if stopped:
+                break
+            rng = _seed_epoch(options.seed, epoch)
+            set_loader_epoch(train_loader, epoch)
+            train_model.train()
+            if prepare_epoch is not None:
+                prepare_epoch(model, epoch)
+                if train_model is not model and _trainable_mask(model) != trainable_at_wrap:
+                    raise ValueError(
+                        "finetune.progressive_unfreeze_epochs: changing the trainable set "
+                        "mid-run is not supported under torchrun (DistributedDataParallel)"
+                    )
+            record = _train_one_epoch(train_model, train_loader, step, epoch, rng, bars)
+            _average_buffers_across_ranks(model)
+            if val_loader is not None:
+                record.update(_validate(model, val_loader, step.loss_fn, device))
+            best.update(record, model, epoch)
+            result.history.append(record)
+            bars.end_epoch(record)
+            stopped = best.stale_epochs >= (options.early_stopping_patience or math.inf)
+            if stopped:
+                result.stopped_early_at = epoch
+            if main:
+                if on_epoch_end is not None:
+                    on_epoch_end(record, epoch)
+                if checkpoint is not None:
+                    checkpoint.save(_checkpoint_state(epoch, model, step, best, result.history))
     if best.state is not None:
         model.load_state_dict(best.state)
     result.best_epoch, result.best_val_accuracy = best.epoch, best.val_accuracy
