@@ -15,7 +15,8 @@ The augmentations keep the meaning of ``params.yaml``'s ``augment`` section:
 * with probability 0.5 each: brightness and contrast (``brightness_contrast``, as
   albumentations: ``x * (1 + c) + b``), and hue/saturation/value (``hue_saturation =
   h``: hue rotated by up to +-2h degrees, which is albumentations' +-h in OpenCV's
-  180-per-turn units; saturation scaled by up to +-2h %; value shifted by up to +-h of
+  180-per-turn units; saturation scaled by up to +-2h/255, what albumentations adds to
+  a fully saturated pixel; value shifted by up to +-h of
   255). Hue and saturation are linear maps here (rotation about the grey axis, the
   SVG/CSS hue-rotate filter, and a lerp from luma) rather than a round trip through
   HSV: all colour changes of a batch then fold into one matmul, at a fifth of the cost;
@@ -132,7 +133,7 @@ class TrainBatchTransform(EvalBatchTransform):
         brightness = _uniform(n, -limit, limit, g) * applied
         applied = _chosen(n, 0.5, g)
         hue = torch.deg2rad(_uniform(n, -2 * hsv, 2 * hsv, g)) * applied  # OpenCV: 2 deg/unit
-        saturation = 1.0 + _uniform(n, -2 * hsv, 2 * hsv, g) / 100.0 * applied
+        saturation = 1.0 + _uniform(n, -2 * hsv, 2 * hsv, g) / 255.0 * applied
         value = _uniform(n, -hsv, hsv, g) / 255.0 * applied
         matrix = contrast.view(n, 1, 1) * _saturation_matrix(saturation) @ _hue_matrix(hue)
         offset = (brightness + value).view(n, 1, 1).expand(n, 3, 1)
