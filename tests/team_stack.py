@@ -175,31 +175,26 @@ def s3_endpoint(base: Path, env: Mapping[str, str]) -> Service:
     )
 
 
-def make_buckets(endpoint: str, env: Mapping[str, str], *names: str) -> None:
+def _s3_client(endpoint: str, env: Mapping[str, str]):
     import boto3
 
-    client = boto3.client(
+    return boto3.client(
         "s3",
         endpoint_url=endpoint,
         aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
         aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
         region_name=env["AWS_DEFAULT_REGION"],
     )
+
+
+def make_buckets(endpoint: str, env: Mapping[str, str], *names: str) -> None:
+    client = _s3_client(endpoint, env)
     for name in names:
         client.create_bucket(Bucket=name)
 
 
 def bucket_keys(endpoint: str, env: Mapping[str, str], bucket: str) -> list[str]:
-    import boto3
-
-    client = boto3.client(
-        "s3",
-        endpoint_url=endpoint,
-        aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
-        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
-        region_name=env["AWS_DEFAULT_REGION"],
-    )
-    pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket)
+    pages = _s3_client(endpoint, env).get_paginator("list_objects_v2").paginate(Bucket=bucket)
     return [item["Key"] for page in pages for item in page.get("Contents", [])]
 
 
