@@ -196,6 +196,7 @@ def test_a_worker_runs_the_deployment_on_the_team_stack_and_a_second_clone_repro
     team.check(dvc, "add", "data/raw/source", "data/raw/target", cwd=project)
     commit_everything(project, "data versions")
     team.check(dvc, "push", "-r", "team", cwd=project)
+    data_objects = set(bucket_keys(team.s3_url, team.env, "roadshift-dvc"))
     origin = team.base / "origin.git"
     git(team.base, "clone", "-q", "--bare", str(project), str(origin))
     checkout = {"ROADSHIFT_GIT_URL": str(origin), "ROADSHIFT_GIT_BRANCH": "main"}
@@ -230,7 +231,8 @@ def test_a_worker_runs_the_deployment_on_the_team_stack_and_a_second_clone_repro
     assert champion.source.startswith(("models:/", "mlflow-artifacts:"))
     stored = bucket_keys(team.s3_url, team.env, "mlflow-artifacts")
     assert any(key.endswith("MLmodel") for key in stored)
-    assert bucket_keys(team.s3_url, team.env, "roadshift-dvc")
+    # the run on the worker pushed its models and reports to the same remote
+    assert set(bucket_keys(team.s3_url, team.env, "roadshift-dvc")) > data_objects
     with pytest.raises(urllib.error.HTTPError) as refused:  # basic auth is on
         urllib.request.urlopen(f"{team.mlflow_url}/api/2.0/mlflow/registered-models/search")
     assert refused.value.code == 401
