@@ -13,7 +13,8 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,14 +37,28 @@ def fingerprint(*parts: str | bytes | Path) -> str:
     return digest.hexdigest()
 
 
-@dataclass(frozen=True)
+@dataclass
 class Checkpointing:
+    """Where and how often a training run saves its state.
+
+    ``every_seconds`` spaces the saves out in time rather than in epochs: on small data an
+    epoch lasts about a second and a save (serialising ~25 MB of weights and optimiser
+    state) tens of milliseconds, 3-10 % of the training time if done every epoch. A save
+    happens at the first epoch end at least that long after the previous one (or after the
+    run started), so a crash costs at most that much work plus one epoch; 0 saves every epoch.
+    """
+
     directory: Path
     fingerprint: str
+    every_seconds: float = 0.0
+    _last_saved_at: float = field(default_factory=time.monotonic, init=False, repr=False)
 
     @property
     def path(self) -> Path:
         return self.directory / "last.pt"
+
+    def due(self) -> bool:
+        return time.monotonic() - self._last_saved_at >= self.every_seconds
 
     def save(self, state: dict[str, Any]) -> None:
         """Write to a temporary file and rename it over the last one: a kill mid-write
@@ -55,6 +70,7 @@ class Checkpointing:
         tmp = self.path.with_suffix(".pt.tmp")
         tmp.write_bytes(buffer.getbuffer())
         os.replace(tmp, self.path)
+        self._last_saved_at = time.monotonic()
 
     def load(self) -> dict[str, Any] | None:
         if not self.path.is_file():

@@ -171,7 +171,13 @@ class TrainSection(_Section):
         None, ge=1, description="stop after this many epochs without a better val score"
     )
     checkpoint: bool = Field(
-        True, description="checkpoint every epoch and resume from it after a crash"
+        True, description="checkpoint at epoch ends and resume from it after a crash"
+    )
+    checkpoint_every_seconds: float = Field(
+        10.0,
+        ge=0,
+        description="save at the first epoch end this long after the last save (0 = every "
+        "epoch): a crash loses at most this much training plus one epoch",
     )
     augment: AugmentSection = AugmentSection()
 

@@ -314,6 +314,13 @@ def _checkpoint_state(
     }
 
 
+def _worth_saving(
+    checkpoint: Checkpointing, epoch: int, options: FitOptions, stopped: bool
+) -> bool:
+    """The last epoch is not saved: the run ends and clears its checkpoint right after."""
+    return epoch < options.epochs and not stopped and checkpoint.due()
+
+
 def _resume(
     checkpoint: Checkpointing | None, model: nn.Module, step: _Step, best: _Best
 ) -> tuple[int, list[dict[str, float]]]:
@@ -382,7 +389,8 @@ def fit(
     the backbone smaller rates than the new head. ``prepare_epoch(model, epoch)``
     runs after ``model.train()`` at every epoch start: strategies freeze blocks or
     keep BatchNorm statistics fixed there. With ``checkpoint`` the state is saved
-    after every epoch and a rerun continues from it. Under torchrun the model is
+    at epoch ends (as often as ``checkpoint.every_seconds`` allows) and a rerun
+    continues from it. Under torchrun the model is
     wrapped in DistributedDataParallel, and only rank 0 reports and checkpoints.
     """
     group = current_group()
@@ -438,7 +446,7 @@ def fit(
             if main:
                 if on_epoch_end is not None:
                     on_epoch_end(record, epoch)
-                if checkpoint is not None:
+                if checkpoint is not None and _worth_saving(checkpoint, epoch, options, stopped):
                     checkpoint.save(_checkpoint_state(epoch, model, step, best, result.history))
     if best.state is not None:
         model.load_state_dict(best.state)

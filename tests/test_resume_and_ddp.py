@@ -26,7 +26,8 @@ PRETRAIN_EPOCHS = 40
 
 @pytest.fixture(scope="module")
 def validated_project(tmp_path_factory) -> Path:
-    params = {**TINY_PARAMS, "pretrain": {**TINY_PARAMS["pretrain"], "epochs": PRETRAIN_EPOCHS}}
+    pretrain = {"epochs": PRETRAIN_EPOCHS, "checkpoint_every_seconds": 0}
+    params = {**TINY_PARAMS, "pretrain": {**TINY_PARAMS["pretrain"], **pretrain}}
     root = make_project(tmp_path_factory.mktemp("resume"), params)
     for stage in ("prepare", "validate"):
         assert main(["--root", str(root), "stage", stage]) == 0

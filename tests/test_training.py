@@ -113,6 +113,23 @@ def test_a_crashed_run_resumes_from_its_checkpoint_to_the_same_weights(tmp_path)
     assert not checkpoint.path.exists()  # a finished run leaves no checkpoint behind
 
 
+def test_checkpoints_are_spaced_in_time_not_written_every_epoch(tmp_path):
+    options = FitOptions(epochs=5, seed=11)
+    hourly = Checkpointing(tmp_path / "hourly", fingerprint="inputs", every_seconds=3600)
+
+    def crash_after_epoch_4(record, epoch):
+        if epoch == 4:
+            raise CrashAfter
+
+    with pytest.raises(CrashAfter):
+        train(options, checkpoint=hourly, on_epoch_end=crash_after_epoch_4)
+    assert not hourly.path.exists()  # four quick epochs: none worth the cost of a save
+
+    hourly.save({"epoch": 1})
+    assert not hourly.due()  # the interval restarts at each save
+    assert Checkpointing(tmp_path / "every", fingerprint="inputs").due()  # 0 s: every epoch
+
+
 def test_a_checkpoint_from_other_inputs_is_ignored(tmp_path, capsys):
     options = FitOptions(epochs=2, seed=1)
     stale = Checkpointing(tmp_path, fingerprint="old data")

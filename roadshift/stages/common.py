@@ -144,8 +144,15 @@ def stage_checkpointing(
         return None
     settings = params_to_dict(params)
     relevant = {key: settings[key] for key in ("base", "model", section_name)}
+    # how often to save does not change what a saved state means
+    relevant[section_name] = {
+        name: value
+        for name, value in relevant[section_name].items()
+        if not name.startswith("checkpoint")
+    }
     key = fingerprint(stage, json.dumps(relevant, sort_keys=True), *inputs)
-    return Checkpointing(Layout(root).checkpoint_dir(stage), key)
+    every_seconds = getattr(params, section_name).checkpoint_every_seconds
+    return Checkpointing(Layout(root).checkpoint_dir(stage), key, every_seconds)
 
 
 def train_loader(
