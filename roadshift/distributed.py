@@ -3,15 +3,21 @@
 ``torchrun`` sets ``WORLD_SIZE``/``RANK``/``LOCAL_RANK``; a plain ``roadshift`` run
 sees none of them and everything here degrades to a single process. Only rank 0
 writes outputs, checkpoints and tracking data; every rank trains.
+
+torch is imported where it is needed, not at module level: every stage command comes
+through here, and prepare and validate would otherwise pay ~1 s of start-up for it.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
+from types import ModuleType
+from typing import TYPE_CHECKING
 
-import torch
-import torch.distributed as dist
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -45,6 +51,8 @@ def requested_processes() -> int:
     if raw in ("", "1"):
         return 1
     if raw == "gpu":
+        import torch
+
         return max(1, torch.cuda.device_count())
     if raw.isdigit() and int(raw) >= 1:
         return int(raw)
@@ -58,16 +66,23 @@ def requested_processes() -> int:
 
 def torchrun_command(processes: int, roadshift_argv: list[str]) -> list[str]:
     """The same ``roadshift`` command, one process per rank, on this machine."""
-    import sys
-
     return [
         sys.executable, "-m", "torch.distributed.run", "--standalone",
         f"--nproc_per_node={processes}", "-m", "roadshift", *roadshift_argv,
     ]  # fmt: skip
 
 
+def _initialised_distributed() -> ModuleType | None:
+    """torch.distributed once a process group exists; None before (torch maybe not imported)."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        return dist
+    return None
+
+
 def current_group() -> ProcessGroup:
-    if dist.is_available() and dist.is_initialized():
+    dist = _initialised_distributed()
+    if dist is not None:
         return ProcessGroup(
             dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0"))
         )
@@ -81,6 +96,9 @@ def is_main_process() -> bool:
 
 def init_distributed(device: torch.device) -> torch.device:
     """Join the torchrun process group if launched by torchrun; returns this rank's device."""
+    import torch
+    import torch.distributed as dist
+
     if not launched_by_torchrun() or dist.is_initialized():
         return _rank_device(device)
     backend = "nccl" if device.type == "cuda" else "gloo"
@@ -91,16 +109,20 @@ def init_distributed(device: torch.device) -> torch.device:
 
 
 def _rank_device(device: torch.device) -> torch.device:
+    import torch
+
     if device.type == "cuda" and launched_by_torchrun():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return device
 
 
 def barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
+    dist = _initialised_distributed()
+    if dist is not None:
         dist.barrier()
 
 
 def shutdown_distributed() -> None:
-    if dist.is_available() and dist.is_initialized():
+    dist = _initialised_distributed()
+    if dist is not None:
         dist.destroy_process_group()
