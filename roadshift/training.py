@@ -210,6 +210,16 @@ def _seed_epoch(seed: int, epoch: int) -> np.random.Generator:
     return np.random.default_rng([seed, epoch, 2])
 
 
+def _clip_gradients(parameters: list[nn.Parameter], max_norm: float) -> None:
+    """``clip_grad_norm_``, minus its no-op: it multiplies every gradient by
+    ``min(1, max_norm / norm)`` at every step, a pass over all of them (~1 % of a CPU step
+    here) that changes nothing while the norm is under the limit, as it mostly is."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    total = nn.utils.get_total_norm(grads)
+    if (max_norm / (total + 1e-6)).item() < 1.0:  # the same test as clip_grad_norm_'s clamp
+        nn.utils.clip_grads_with_norm_(parameters, max_norm, total)
+
+
 @dataclass
 class _Step:
     """What one epoch needs besides the model and the data."""
@@ -253,7 +263,7 @@ def _train_one_epoch(
         step.scaler.scale(loss).backward()
         if step.options.grad_clip_norm:
             step.scaler.unscale_(step.optimizer)
-            nn.utils.clip_grad_norm_(trainable, step.options.grad_clip_norm)
+            _clip_gradients(trainable, step.options.grad_clip_norm)
         step.scaler.step(step.optimizer)
         step.scaler.update()
         step.scheduler.step()

@@ -13,6 +13,7 @@ from roadshift.loaders import EpochBatchSampler, make_loader
 from roadshift.training import (
     FitOptions,
     TrainingDivergedError,
+    _clip_gradients,
     create_scheduler,
     fit,
     mix_batch,
@@ -245,3 +246,16 @@ def test_auto_workers_leave_a_small_cpu_only_machine_to_the_training_threads(mon
     monkeypatch.setattr("os.cpu_count", lambda: 32)
     assert resolve_num_workers("auto") == 4
     assert resolve_num_workers(3) == 3
+
+
+@pytest.mark.parametrize("max_norm", [0.01, 1e6], ids=["over the limit", "under the limit"])
+def test_gradient_clipping_gives_exactly_what_clip_grad_norm_gives(max_norm):
+    def gradients_after(clip) -> list[torch.Tensor]:
+        torch.manual_seed(3)
+        model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+        model(torch.randn(32, 8)).pow(2).sum().backward()
+        clip(list(model.parameters()), max_norm)
+        return [p.grad.clone() for p in model.parameters()]
+
+    ours, torchs = gradients_after(_clip_gradients), gradients_after(nn.utils.clip_grad_norm_)
+    assert all(torch.equal(a, b) for a, b in zip(ours, torchs, strict=True))

@@ -93,7 +93,7 @@ class TrainBatchTransform(EvalBatchTransform):
         x = self._colour(x, generator)
         x = self._blur(x, generator)
         x = self._noise(x, generator)
-        return (x.clamp_(0.0, 1.0) - self.mean) / self.std
+        return x.clamp_(0.0, 1.0).sub_(self.mean).div_(self.std)
 
     # -- geometry -------------------------------------------------------------------------
 
@@ -162,8 +162,7 @@ class TrainBatchTransform(EvalBatchTransform):
         blurred = F.pad(x[rows].reshape(1, k * 3, size, size), (2, 2, 2, 2), mode="reflect")
         blurred = F.conv2d(blurred, kernel.view(k * 3, 1, 1, 5), groups=k * 3)
         blurred = F.conv2d(blurred, kernel.view(k * 3, 1, 5, 1), groups=k * 3)
-        x = x.clone()
-        x[rows] = blurred.view(k, 3, size, size)
+        x[rows] = blurred.view(k, 3, size, size)  # x is this transform's own intermediate
         return x
 
     def _noise(self, x: torch.Tensor, g: torch.Generator | None) -> torch.Tensor:
@@ -174,8 +173,7 @@ class TrainBatchTransform(EvalBatchTransform):
         if len(rows) == 0:
             return x
         noise = torch.randn((len(rows), *x.shape[1:]), generator=g) * std[rows].view(-1, 1, 1, 1)
-        x = x.clone()
-        x[rows] += noise
+        x[rows] += noise  # in place: x is this transform's own intermediate
         return x
 
 
