@@ -216,7 +216,10 @@ def _clip_gradients(parameters: list[nn.Parameter], max_norm: float) -> None:
     here) that changes nothing while the norm is under the limit, as it mostly is."""
     grads = [p.grad for p in parameters if p.grad is not None]
     total = nn.utils.get_total_norm(grads)
-    if (max_norm / (total + 1e-6)).item() < 1.0:  # the same test as clip_grad_norm_'s clamp
+    # on a GPU, reading the norm back would stall it every step: always scale there.
+    # The comparison is the one behind clip_grad_norm_'s clamp of the scaling factor.
+    on_gpu = total.device.type != "cpu"
+    if on_gpu or (max_norm / (total + 1e-6)).item() < 1.0:
         nn.utils.clip_grads_with_norm_(parameters, max_norm, total)
 
 
