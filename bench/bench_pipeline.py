@@ -38,20 +38,15 @@ from pathlib import Path
 
 import psutil
 
+from roadshift.cli import OFFLINE_ENV
+
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
 COLD_TARGET_S = 300.0
 RERUN_TARGET_S = 30.0
 PEAK_TARGET_GIB = 4.0
-OFFLINE_ENV = {
-    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    "PREFECT_SERVER_EPHEMERAL_ENABLED": "true",
-    "DVC_NO_ANALYTICS": "1",
-    "NO_ALBUMENTATIONS_UPDATE": "1",
-    "GX_ANALYTICS_ENABLED": "false",
-    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
-    "PYTHONUNBUFFERED": "1",
-}
+# the CLI's own offline settings, plus the temporary Prefect server and unbuffered output
+BENCH_ENV = {**OFFLINE_ENV, "PREFECT_SERVER_EPHEMERAL_ENABLED": "true", "PYTHONUNBUFFERED": "1"}
 
 
 @dataclass
@@ -106,7 +101,7 @@ def environment(root: Path) -> dict[str, str]:
         for key, value in os.environ.items()
         if not key.startswith(("PREFECT_", "MLFLOW_", "ROADSHIFT_"))
     }
-    env.update(OFFLINE_ENV)
+    env.update(BENCH_ENV)
     env["PREFECT_HOME"] = str(root / ".prefect")
     # the venv's editable install points at this checkout: the copy's code must win
     env["PYTHONPATH"] = str(root)

@@ -12,16 +12,11 @@ from pathlib import Path
 import pytest
 import yaml
 
+from roadshift.cli import OFFLINE_ENV
+
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
-for key, value in {
-    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    "PREFECT_SERVER_EPHEMERAL_ENABLED": "true",
-    "DVC_NO_ANALYTICS": "1",
-    "NO_ALBUMENTATIONS_UPDATE": "1",
-    "GX_ANALYTICS_ENABLED": "false",
-    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
-}.items():
+for key, value in {**OFFLINE_ENV, "PREFECT_SERVER_EPHEMERAL_ENABLED": "true"}.items():
     os.environ[key] = value
 os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="roadshift-prefect-home-"))
 os.environ.pop("MLFLOW_TRACKING_URI", None)
