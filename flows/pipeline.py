@@ -9,7 +9,7 @@ temporary server.
 from __future__ import annotations
 
 import os
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +21,7 @@ from roadshift.config import Params, load_params, params_to_dict
 from roadshift.jsonio import read_json
 from roadshift.layout import Layout
 from roadshift.lineage import lineage_tags
+from roadshift.stage_server import warm_stage_server
 from tasks.dvc import StageRun, push_to_remote, version_data
 from tasks.registry import register
 from tasks.reports import (
@@ -174,22 +175,27 @@ def training_pipeline(root: str = ".") -> PipelineResult:
     logger = get_run_logger()
     root_path = Path(root).resolve()
     params: Params = load_params(root_path / "params.yaml")
-    data_versions = version_data(root_path, params)
-    logger.info("data versions: %s", data_versions)
-
-    prefect_tags = {"prefect.flow_run_id": str(flow_run.get_id() or "")}
-    tags = {**lineage_tags(params, root_path, prefect_tags), "roadshift.stage": "pipeline"}
     tracking_uri = resolve_tracking_uri(params.tracking, root_path)
-    with explain_tracking_outage(tracking_uri, "running the training pipeline"):
-        configure_tracking(params, root_path)
-        with mlflow.start_run(run_name="training-pipeline", tags=tags) as parent:
-            mlflow.log_params(flatten_params(params))
-            mlflow.log_dict(params_to_dict(params), "resolved_params.json")
-            with _parent_run_env(parent.info.run_id):
-                stage_runs = _run_stages(root_path, parent.info.run_id)
-            metrics = read_json(Layout(root_path).metrics("evaluate"))
-            mlflow.log_metrics(metrics)
-            registration, _ = register(root_path, params, parent.info.run_id, prefect_tags)
+    warm = ExitStack()
+    with warm:
+        # one process that has imported torch, MLflow and GX forks for each stage command
+        warm.enter_context(warm_stage_server(tracking_uri))
+        data_versions = version_data(root_path, params)
+        logger.info("data versions: %s", data_versions)
+
+        prefect_tags = {"prefect.flow_run_id": str(flow_run.get_id() or "")}
+        tags = {**lineage_tags(params, root_path, prefect_tags), "roadshift.stage": "pipeline"}
+        with explain_tracking_outage(tracking_uri, "running the training pipeline"):
+            configure_tracking(params, root_path)
+            with mlflow.start_run(run_name="training-pipeline", tags=tags) as parent:
+                mlflow.log_params(flatten_params(params))
+                mlflow.log_dict(params_to_dict(params), "resolved_params.json")
+                with _parent_run_env(parent.info.run_id):
+                    stage_runs = _run_stages(root_path, parent.info.run_id)
+                warm.close()  # its memory is not needed for registration
+                metrics = read_json(Layout(root_path).metrics("evaluate"))
+                mlflow.log_metrics(metrics)
+                registration, _ = register(root_path, params, parent.info.run_id, prefect_tags)
     push_to_remote(root_path)
 
     result = PipelineResult(

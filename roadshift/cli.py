@@ -7,12 +7,16 @@ the command that needs them, so ``roadshift --help`` and config errors are insta
 from __future__ import annotations
 
 import argparse
+import atexit
+import contextlib
 import os
 import shutil
 import subprocess
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import NoReturn
 
 from roadshift.config import ConfigError, Params, load_params
 from roadshift.layout import Layout
@@ -169,11 +173,17 @@ def command_run(args: argparse.Namespace) -> int:
 
     root = Path(args.root).resolve()
     # a bad config or unusable data folders fail before Prefect is even imported
-    domain_folders(load_params(root / "params.yaml"), root)
+    params = load_params(root / "params.yaml")
+    domain_folders(params, root)
 
-    from flows.pipeline import training_pipeline
+    from roadshift.stage_server import warm_stage_server
+    from roadshift.tracking import resolve_tracking_uri
 
-    training_pipeline(root=str(root))
+    # started before Prefect is imported, so that its imports overlap the flow's start
+    with warm_stage_server(resolve_tracking_uri(params.tracking, root)):
+        from flows.pipeline import training_pipeline
+
+        training_pipeline(root=str(root))
     return 0
 
 
@@ -541,15 +551,45 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    for key, value in OFFLINE_ENV.items():
-        os.environ.setdefault(key, value)
-    args = build_parser().parse_args(argv)
-    args.argv = list(sys.argv[1:] if argv is None else argv)  # to relaunch under torchrun
+def end_process(code: int) -> NoReturn:
+    """End a ``roadshift`` process without tearing the interpreter down.
+
+    Python's teardown of the torch, pandas, GX, MLflow and Prefect objects a command
+    leaves takes 1-2 s, more than some stages' own work, and has nothing left to do:
+    every file the command wrote is closed. What a normal exit must do still happens,
+    in CPython's order: non-daemon threads finish, atexit handlers run (Prefect's
+    temporary server is stopped by one), the standard streams are flushed.
+    """
+    for thread in threading.enumerate():
+        if thread is not threading.main_thread() and not thread.daemon:
+            thread.join()
+    atexit._run_exitfuncs()  # CPython's own exit path; there is no public spelling
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
+
+
+def _run_on_warm_server(args: argparse.Namespace) -> int | None:
+    """Under the pipeline flow a stage command runs in its warm server
+    (``roadshift.stage_server``); None when there is none to run it."""
+    from roadshift.stage_server import SOCKET_ENV, run_on_server
+
+    socket_path = os.environ.get(SOCKET_ENV)
+    if not socket_path:
+        return None
+    return run_on_server(args.argv, socket_path)
+
+
+def _dispatch(args: argparse.Namespace) -> int:
     handler: Callable[[argparse.Namespace], int] | None = getattr(args, "handler", None)
     if handler is None:
         build_parser().print_help()
         return 2
+    if handler is command_stage:
+        status = _run_on_warm_server(args)
+        if status is not None:
+            return status
     try:
         return handler(args)
     except ConfigError as error:
@@ -560,6 +600,27 @@ def main(argv: list[str] | None = None) -> int:
             print(f"roadshift: {type(error).__name__}: {error}", file=sys.stderr)
             return 2
         raise
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The ``roadshift`` command; ``argv`` None means it is this process's entry point."""
+    for key, value in OFFLINE_ENV.items():
+        os.environ.setdefault(key, value)
+    args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # to relaunch elsewhere
+    status = _dispatch(args)
+    if argv is None:
+        end_process(status)
+    return status
+
+
+def is_stage_command(argv: list[str]) -> bool:
+    """Whether ``roadshift <argv>`` is a ``stage`` command (the warm server runs nothing else)."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit:
+        return False
+    return getattr(args, "handler", None) is command_stage
 
 
 if __name__ == "__main__":
