@@ -1,10 +1,10 @@
 """End to end: wall time and peak memory of the whole pipeline on the embedded default.
 
-    .venv/bin/python bench/bench_pipeline.py [--reruns 3] [--profile-rerun]
+    .venv/bin/python bench/bench_pipeline.py [--projects 3] [--reruns 1] [--profile-rerun]
 
-In a fresh temporary project (``git archive HEAD`` of this checkout, ``git init``, its
-own local SQLite MLflow store, DVC cache and Prefect home with the temporary server,
-exactly what ``make run`` uses), with params.yaml as committed:
+In each of ``--projects`` fresh temporary projects (``git archive HEAD`` of this checkout,
+``git init``, its own local SQLite MLflow store, DVC cache and Prefect home with the
+temporary server, exactly what ``make run`` uses), with params.yaml as committed:
 
 1. cold -- ``roadshift data synth --if-absent`` + ``roadshift run`` on a project that
    has never run: synthesis, every stage, registration, DVC push;
@@ -13,12 +13,17 @@ exactly what ``make run`` uses), with params.yaml as committed:
    batch), then ``roadshift run``: prepare, validate, finetune, scratch and evaluate
    run again, pretrain is skipped.
 
+Each figure is the median over the projects (reruns: over all of them), and the
+retrain / cold ratio is the median of each project's own ratio, its two runs measured
+one after the other on the same machine.
+
 Peak memory is the largest sum of resident set sizes over the whole process tree
-(``roadshift run``, the Prefect server it starts, DVC's stage processes), sampled
-every 0.2 s with psutil: an upper bound, since pages shared between processes count
-once per process. The first run also warms the page cache for the later ones, as a
-user's own reruns would be. ``--profile-rerun`` runs one more rerun under cProfile and
-prints where its time went.
+(``roadshift run``, the Prefect server it starts, the warm stage server and its
+children), sampled every 0.2 s with psutil: an upper bound, since pages shared between
+processes (the stage server's imports, which its children share) count once per
+process. A project's first run also warms the page cache for the later ones, as a
+user's own reruns would be. ``--profile-rerun`` runs one more rerun in the first
+project under cProfile and prints where its time went.
 """
 
 from __future__ import annotations
@@ -198,74 +203,109 @@ def verdict(ok: bool) -> str:
     return "met" if ok else "NOT met"
 
 
+@dataclass
+class ProjectRun:
+    """One fresh project's cold run, unchanged reruns and retrain, measured side by side."""
+
+    synth: Measured
+    cold: Measured
+    reruns: list[Measured]
+    retrain: Measured
+    profile: list[str]
+
+
+def measure_project(work: Path, worktree: bool, reruns: int, profile: bool) -> ProjectRun:
+    root = fresh_project(work, worktree)
+    env = environment(root)
+    synth = measure(roadshift("data", "synth", "--if-absent"), root, env)
+    pipeline = measure(roadshift("run"), root, env)
+    cold = Measured(
+        synth.seconds + pipeline.seconds,
+        max(synth.peak_bytes, pipeline.peak_bytes),
+        pipeline.output,
+    )
+    unchanged = [measure(roadshift("run"), root, env) for _ in range(reruns)]
+    shown = profile_rerun(root, env, work / "rerun.prof") if profile else []
+    measure(roadshift("data", "synth", "--add-target-batch", "6", "--batch-id", "bench"), root, env)
+    retrain = measure(roadshift("run"), root, env)
+    return ProjectRun(synth, cold, unchanged, retrain, shown)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--reruns", type=int, default=3)
+    parser.add_argument(
+        "--projects", type=int, default=3, help="fresh projects, each cold + reruns + retrain"
+    )
+    parser.add_argument("--reruns", type=int, default=1, help="unchanged reruns per project")
     parser.add_argument("--profile-rerun", action="store_true")
-    parser.add_argument("--keep", action="store_true", help="keep the temporary project")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary projects")
     parser.add_argument(
         "--worktree", action="store_true", help="copy the checkout as it is, not HEAD"
     )
     args = parser.parse_args()
 
-    work = Path(tempfile.mkdtemp(prefix="roadshift-bench-pipeline-"))
-    try:
-        root = fresh_project(work, args.worktree)
-        env = environment(root)
-        synth = measure(roadshift("data", "synth", "--if-absent"), root, env)
-        pipeline = measure(roadshift("run"), root, env)
-        cold = Measured(
-            synth.seconds + pipeline.seconds,
-            max(synth.peak_bytes, pipeline.peak_bytes),
-            pipeline.output,
-        )
-        reruns = [measure(roadshift("run"), root, env) for _ in range(args.reruns)]
-        profile = profile_rerun(root, env, work / "rerun.prof") if args.profile_rerun else []
-        batch = measure(
-            roadshift("data", "synth", "--add-target-batch", "6", "--batch-id", "bench"), root, env
-        )
-        retrain = measure(roadshift("run"), root, env)
-    finally:
-        if not args.keep:
-            shutil.rmtree(work, ignore_errors=True)
-        else:
-            print(f"kept {work}")
+    runs = []
+    for index in range(args.projects):
+        work = Path(tempfile.mkdtemp(prefix="roadshift-bench-pipeline-"))
+        try:
+            profile = args.profile_rerun and index == 0
+            runs.append(measure_project(work, args.worktree, args.reruns, profile))
+        finally:
+            if not args.keep:
+                shutil.rmtree(work, ignore_errors=True)
+            else:
+                print(f"kept {work}")
 
-    rerun_s = statistics.median(r.seconds for r in reruns)
-    rerun_peak = max(r.peak_bytes for r in reruns)
-    peak = max(cold.peak_bytes, rerun_peak, retrain.peak_bytes)
-    print(f"embedded default (params.yaml as committed), fresh project, {os.cpu_count()} CPUs")
-    print(
-        f"  cold: synth {synth.seconds:.1f} s + pipeline {pipeline.seconds:.1f} s = "
-        f"{cold.seconds:.1f} s, peak {gib(cold.peak_bytes)} (1 run)"
+    def median(values) -> float:
+        return statistics.median(list(values))
+
+    cold_s = median(r.cold.seconds for r in runs)
+    reruns = [m for r in runs for m in r.reruns]
+    rerun_s = median(m.seconds for m in reruns) if reruns else float("nan")
+    retrain_s = median(r.retrain.seconds for r in runs)
+    ratios = [r.retrain.seconds / r.cold.seconds for r in runs]
+    ratio = median(ratios)
+    peak = max(
+        max(r.cold.peak_bytes, r.retrain.peak_bytes, *(m.peak_bytes for m in r.reruns))
+        for r in runs
     )
-    for line in stage_lines(cold.output):
+    n = len(runs)
+    print(f"embedded default (params.yaml as committed), {n} fresh projects, {os.cpu_count()} CPUs")
+    for index, run in enumerate(runs, 1):
+        unchanged = ", ".join(f"{m.seconds:.1f}" for m in run.reruns) or "none"
+        print(
+            f"  project {index}: cold {run.cold.seconds:.1f} s (synth {run.synth.seconds:.1f} s), "
+            f"unchanged rerun {unchanged} s, retrain {run.retrain.seconds:.1f} s, "
+            f"retrain / cold {run.retrain.seconds / run.cold.seconds:.3f}"
+        )
+    first = runs[0]
+    print("  stages of project 1, cold:")
+    for line in stage_lines(first.cold.output):
         print(f"      {line}")
-    shown = ", ".join(f"{r.seconds:.1f}" for r in reruns)
-    print(
-        f"  unchanged rerun: {rerun_s:.1f} s median of {len(reruns)} (runs: {shown}), "
-        f"peak {gib(rerun_peak)}"
-    )
-    print(
-        f"  retrain after a new target batch: {retrain.seconds:.1f} s (1 run; adding the "
-        f"batch took {batch.seconds:.1f} s more), peak {gib(retrain.peak_bytes)}"
-    )
-    for line in stage_lines(retrain.output):
+    print("  stages of project 1, retrain after a new target batch (6 per class):")
+    for line in stage_lines(first.retrain.output):
         print(f"      {line}")
-    if profile:
+    print(
+        f"  peak memory (process tree): cold {gib(max(r.cold.peak_bytes for r in runs))}, "
+        f"rerun {gib(max((m.peak_bytes for m in reruns), default=0))}, "
+        f"retrain {gib(max(r.retrain.peak_bytes for r in runs))}"
+    )
+    if first.profile:
         print("  where an unchanged rerun spends its time (cProfile, cumulative, main process):")
-        for line in profile:
+        for line in first.profile:
             print(f"    {line}")
     print(
-        f"cold pipeline: {cold.seconds:.0f} s (target < {COLD_TARGET_S:.0f} s: "
-        f"{verdict(cold.seconds < COLD_TARGET_S)})"
+        f"cold pipeline: {cold_s:.0f} s median of {n} (target < {COLD_TARGET_S:.0f} s: "
+        f"{verdict(cold_s < COLD_TARGET_S)})"
     )
     print(
-        f"unchanged rerun: {rerun_s:.1f} s (target < {RERUN_TARGET_S:.0f} s: "
-        f"{verdict(rerun_s < RERUN_TARGET_S)})"
+        f"unchanged rerun: {rerun_s:.1f} s median of {len(reruns)} (target < "
+        f"{RERUN_TARGET_S:.0f} s: {verdict(rerun_s < RERUN_TARGET_S)})"
     )
-    ratio = retrain.seconds / cold.seconds
-    print(f"retrain / cold: {ratio:.2f} (target < 0.50: {verdict(ratio < 0.5)})")
+    print(
+        f"retrain / cold: {ratio:.2f} median of {n} (retrain {retrain_s:.0f} s median; "
+        f"target < 0.50: {verdict(ratio < 0.5)})"
+    )
     print(
         f"peak memory: {gib(peak)} (target < {PEAK_TARGET_GIB:.0f} GiB: "
         f"{verdict(peak < PEAK_TARGET_GIB * 2**30)})"

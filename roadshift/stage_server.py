@@ -45,7 +45,9 @@ SWITCH_ENV = "ROADSHIFT_WARM_STAGES"
 
 # What the stage commands import, at module level or inside the functions they call, so
 # that a forked child starts with it in memory. A module missing here only costs time.
-PRELOADED_MODULES = (  # in the order the stages need them: prepare first, training last
+# The first stages' modules load at once; the training ones only after the first stage
+# has been forked (while it runs), so that a run with nothing to do pays little for them.
+FIRST_STAGES_MODULES = (
     "roadshift.tracking",
     "mlflow.store.tracking.sqlalchemy_store",
     "mlflow.store.artifact.local_artifact_repo",
@@ -54,6 +56,8 @@ PRELOADED_MODULES = (  # in the order the stages need them: prepare first, train
     "great_expectations",
     "great_expectations.data_context.types.base",
     "roadshift.stages.validate",
+)
+TRAINING_MODULES = (
     "torch.distributed",
     "torchvision.models",
     "roadshift.stages.pretrain",
@@ -214,13 +218,14 @@ def _become_stage(request: dict, fds: list[int]) -> NoReturn:
 
 class _Server:
     """One request at a time (DVC runs one stage at a time). Preloading goes on module by
-    module in between, so a stage that arrives early is forked at once, with what is
-    loaded so far, instead of waiting for all of it."""
+    module in between, also while a child runs, so a stage that arrives early waits for
+    one import at most and is forked with what is loaded so far."""
 
     def __init__(self, listener: socket.socket, tracking_uri: str | None) -> None:
         self.listener = listener
         self.tracking_uri = tracking_uri
-        self.to_preload = list(PRELOADED_MODULES)
+        self.to_preload = list(FIRST_STAGES_MODULES)
+        self.training_modules_queued = False
         self.stopping = threading.Event()
 
     def preload_one(self) -> None:
@@ -283,6 +288,9 @@ class _Server:
                 os.close(fd)
             return  # not a stage request: the client sees EOF and runs it itself
         self.open_tracking_store_once()
+        if not self.training_modules_queued:  # a stage runs: training ones will follow
+            self.training_modules_queued = True
+            self.to_preload.extend(TRAINING_MODULES)
         sys.stdout.flush()
         sys.stderr.flush()
         pid = os.fork()
