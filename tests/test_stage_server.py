@@ -5,6 +5,7 @@ the flow that started it."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -174,3 +175,37 @@ def test_the_switch_turns_the_server_off(monkeypatch):
     with warm_stage_server() as socket_path:
         assert socket_path is None
         assert SOCKET_ENV not in os.environ
+
+
+def test_roadshift_run_on_the_temporary_prefect_server_runs_its_stages_in_the_warm_server(
+    tmp_path,
+):
+    root = make_project(tmp_path / "project", TINY_PARAMS)
+    env = {
+        k: v
+        for k, v in venv_environment().items()
+        if k not in {"PREFECT_API_URL", SOCKET_ENV, SWITCH_ENV}
+    }
+    env.update(PREFECT_HOME=str(tmp_path / "prefect-home"), PREFECT_SERVER_EPHEMERAL_ENABLED="true")
+    command = [sys.executable, "-m", "roadshift", "--root", str(root), "run"]
+    run = subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    servers_seen, stages_in_server = set(), set()
+    while run.poll() is None:
+        try:
+            for process in psutil.Process(run.pid).children():
+                if "roadshift.stage_server" in " ".join(process.cmdline()):
+                    servers_seen.add(process.pid)
+                    stages_in_server.update(child.pid for child in process.children())
+        except psutil.Error:
+            pass
+        time.sleep(0.05)
+    output = run.stdout.read()
+
+    assert run.returncode == 0, output[-3000:]
+    for stage in ("prepare", "validate", "pretrain", "finetune", "scratch", "evaluate"):
+        assert re.search(rf"^\s+{stage}\s+ran \(", output, re.MULTILINE), stage
+    assert "Model version 1" in output
+    assert len(servers_seen) == 1 and len(stages_in_server) >= 6
+    assert not any(psutil.pid_exists(pid) for pid in servers_seen)
