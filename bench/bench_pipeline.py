@@ -165,7 +165,13 @@ def profile_rerun(root: Path, env: dict[str, str], out: Path) -> list[str]:
     """One more unchanged rerun under cProfile; the slowest calls by cumulative time."""
     import pstats
 
-    command = [sys.executable, "-m", "cProfile", "-o", str(out), "-m", "roadshift", "run"]
+    # main() given its arguments returns instead of ending the process (cProfile's own
+    # `-m` runner would never get to write its file)
+    script = (
+        "import cProfile, sys; from roadshift.cli import main; "
+        "cProfile.run('main([\"run\"])', sys.argv[1])"
+    )
+    command = [sys.executable, "-c", script, str(out)]
     measure(command, root, env)
     stats = pstats.Stats(str(out))
     stats.sort_stats("cumulative")
