@@ -181,33 +181,15 @@ def command_run(args: argparse.Namespace) -> int:
 
     # both servers boot in their own processes while this one imports the flow
     with warm_stage_server(resolve_tracking_uri(params.tracking, root)):
-        prefect_server = _start_temporary_prefect_server()
+        from flows.temporary_server import start_temporary_prefect_server
+
+        prefect_server = start_temporary_prefect_server()
         from flows.pipeline import training_pipeline
 
         if prefect_server is not None:
             prefect_server.join()
         training_pipeline(root=str(root))
     return 0
-
-
-def _start_temporary_prefect_server() -> threading.Thread | None:
-    """With no Prefect API configured, a flow runs on Prefect's temporary server, which
-    the flow's first API call starts and then waits ~3 s for. Started from here, in a
-    thread, it boots while the flow's modules import; the flow finds it running, as if it
-    had started it itself. If this start fails, the flow's own attempt reports why."""
-    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED
-
-    if PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
-        return None
-    from prefect.server.api.server import SubprocessASGIServer
-
-    def start() -> None:
-        with contextlib.suppress(Exception):
-            SubprocessASGIServer().start()
-
-    thread = threading.Thread(target=start, name="prefect-temporary-server", daemon=True)
-    thread.start()
-    return thread
 
 
 def command_synth(args: argparse.Namespace) -> int:

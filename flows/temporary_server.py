@@ -1,0 +1,26 @@
+"""Prefect's temporary server, started early by ``roadshift run``."""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+
+
+def start_temporary_prefect_server() -> threading.Thread | None:
+    """With no Prefect API configured, a flow runs on Prefect's temporary server, which
+    the flow's first API call starts and then waits ~3 s for. Started from here, in a
+    thread, it boots while the flow's modules import; the flow finds it running, as if it
+    had started it itself. If this start fails, the flow's own attempt reports why."""
+    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED
+
+    if PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
+        return None
+    from prefect.server.api.server import SubprocessASGIServer
+
+    def start() -> None:
+        with contextlib.suppress(Exception):
+            SubprocessASGIServer().start()
+
+    thread = threading.Thread(target=start, name="prefect-temporary-server", daemon=True)
+    thread.start()
+    return thread
