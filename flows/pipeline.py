@@ -209,7 +209,9 @@ def training_pipeline(root: str = ".") -> PipelineResult:
                 mlflow.log_dict(params_to_dict(params), "resolved_params.json")
                 with _parent_run_env(parent.info.run_id):
                     stage_runs = _run_stages(root_path, parent.info.run_id)
-                warm.close()  # its memory is not needed for registration
+                # a server this flow started stops here, its memory not needed to register;
+                # one `roadshift run` started (before Prefect) stays until the run ends
+                warm.close()
                 metrics = read_json(Layout(root_path).metrics("evaluate"))
                 mlflow.log_metrics(metrics)
                 registration, _ = register(root_path, params, parent.info.run_id, prefect_tags)
