@@ -12,12 +12,14 @@ import contextlib
 import importlib
 import os
 import threading
+from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
+from prefect.futures import PrefectFuture, wait
 from prefect.runtime import flow_run
 
 from roadshift.config import Params, load_params, params_to_dict
@@ -26,7 +28,6 @@ from roadshift.layout import Layout
 from roadshift.lineage import lineage_tags
 from roadshift.stage_server import warm_stage_server
 from tasks.dvc import StageRun, push_to_remote, version_data
-from tasks.registry import register
 from tasks.reports import (
     ValidationGateError,
     publish_contact_sheet,
@@ -35,7 +36,7 @@ from tasks.reports import (
     read_validation_summary,
     validation_gate_message,
 )
-from tasks.stages import IN_ORDER
+from tasks.stages import STAGE_TASKS
 
 PARENT_RUN_ENV = "ROADSHIFT_PARENT_RUN_ID"
 
@@ -138,43 +139,87 @@ def _print_summary(result: PipelineResult) -> None:
     )
 
 
-def _import_torchvision_meanwhile() -> None:
-    """A run that trains registers, and registration loads models in this process;
-    ``import torchvision`` takes ~2 s (it pulls in ``torch._dynamo``). The stages run in
-    other processes while this one waits: import it meanwhile, in the background."""
+# What registration imports (~2 s: torchvision pulls in torch._dynamo, and MLflow's pyfunc)
+REGISTRATION_MODULES = ("torchvision.models", "tasks.registry")
+
+
+def _import_for_registration_meanwhile() -> None:
+    """A run that trains registers, and registration loads models in this process. The
+    stages run in other processes while this one waits: import what it needs meanwhile,
+    in the background, rather than before the first stage or after the last."""
 
     def import_quietly() -> None:
-        with contextlib.suppress(Exception):  # registration imports it again, and reports
-            importlib.import_module("torchvision.models")
+        for name in REGISTRATION_MODULES:
+            with contextlib.suppress(Exception):  # registration imports it again, and reports
+                importlib.import_module(name)
 
-    threading.Thread(target=import_quietly, name="import-torchvision", daemon=True).start()
+    threading.Thread(target=import_quietly, name="import-for-registration", daemon=True).start()
 
 
-def _run_stages(root: Path, mlflow_run_id: str) -> list[StageRun]:
-    """Each DVC stage in order; reports go out as soon as their stage is done.
+def _side_by_side(root: Path) -> tuple[str, ...]:
+    """The stages to train at the same time here; none where the machine does not allow."""
+    from roadshift.cores import TRAINED_SIDE_BY_SIDE, side_by_side_refusal
+
+    refusal = side_by_side_refusal(load_params(root / "params.yaml").base)
+    if refusal is not None:
+        names = " and ".join(TRAINED_SIDE_BY_SIDE)
+        get_run_logger().info("%s train one after the other: %s", names, refusal)
+        return ()
+    return TRAINED_SIDE_BY_SIDE
+
+
+def _steps(root: Path) -> Iterator[tuple[str, ...]]:
+    """The stages in order, one per step, but those trained side by side in one step.
+    Decided on reaching them, when the flow has imported torch anyway."""
+    from roadshift.cores import TRAINED_SIDE_BY_SIDE
+
+    pending = list(STAGE_TASKS)
+    while pending:
+        name = pending.pop(0)
+        together = _side_by_side(root) if name in TRAINED_SIDE_BY_SIDE else ()
+        pending = [other for other in pending if other not in together]
+        yield together or (name,)
+
+
+def _reproduce(root: Path, names: tuple[str, ...]) -> list[StageRun]:
+    """One stage, or several in tasks of their own at once. All are waited for before a
+    failure is raised, so one failing never cuts the other's run short."""
+    if len(names) == 1:
+        return [STAGE_TASKS[names[0]](root, names[0])]
+    futures = [STAGE_TASKS[name].submit(root, name) for name in names]
+    wait(futures)
+    return [future.result() for future in futures]
+
+
+def _run_stages(root: Path, mlflow_run_id: str, reports: list[PrefectFuture]) -> list[StageRun]:
+    """Each DVC stage in order (two training stages side by side where the machine
+    allows); reports go out as soon as their stage is done, beside the next step (their
+    futures are added to ``reports``). The validation report comes first: it gates.
 
     A failing validation stops here, before any training and before the registry.
     """
     runs: list[StageRun] = []
-    for name, stage_task in IN_ORDER:
-        try:
-            runs.append(stage_task(root, name))
-            if runs[-1].ran and sum(run.ran for run in runs) == 1:
-                _import_torchvision_meanwhile()
-        except Exception as error:
-            if name != "validate":
-                raise
-            publish_validation(root, mlflow_run_id)
-            message = validation_gate_message(
-                read_validation_summary(root), Layout(root).validation_dir
-            )
-            raise ValidationGateError(message) from error
-        if name == "prepare":
-            publish_contact_sheet(root, mlflow_run_id)
-        elif name == "validate":
-            publish_validation(root, mlflow_run_id)
-        elif name == "evaluate":
-            publish_evaluation(root, mlflow_run_id)
+    with contextlib.chdir(root):  # DVC's working directory, the same for every task thread
+        for names in _steps(root):
+            trained_before = any(run.ran for run in runs)
+            try:
+                runs.extend(_reproduce(root, names))
+            except Exception as error:
+                if names != ("validate",):
+                    raise
+                publish_validation(root, mlflow_run_id)
+                message = validation_gate_message(
+                    read_validation_summary(root), Layout(root).validation_dir
+                )
+                raise ValidationGateError(message) from error
+            if not trained_before and any(run.ran for run in runs):
+                _import_for_registration_meanwhile()
+            if names == ("prepare",):
+                reports.append(publish_contact_sheet.submit(root, mlflow_run_id))
+            elif names == ("validate",):
+                publish_validation(root, mlflow_run_id)
+            elif names == ("evaluate",):
+                reports.append(publish_evaluation.submit(root, mlflow_run_id))
     return runs
 
 
@@ -207,14 +252,22 @@ def training_pipeline(root: str = ".") -> PipelineResult:
             with mlflow.start_run(run_name="training-pipeline", tags=tags) as parent:
                 mlflow.log_params(flatten_params(params))
                 mlflow.log_dict(params_to_dict(params), "resolved_params.json")
-                with _parent_run_env(parent.info.run_id):
-                    stage_runs = _run_stages(root_path, parent.info.run_id)
-                # a server this flow started stops here, its memory not needed to register;
-                # one `roadshift run` started (before Prefect) stays until the run ends
-                warm.close()
-                metrics = read_json(Layout(root_path).metrics("evaluate"))
-                mlflow.log_metrics(metrics)
-                registration, _ = register(root_path, params, parent.info.run_id, prefect_tags)
+                reports: list[PrefectFuture] = []  # published while the next step runs
+                try:
+                    with _parent_run_env(parent.info.run_id):
+                        stage_runs = _run_stages(root_path, parent.info.run_id, reports)
+                    # a server this flow started stops here, its memory not needed to
+                    # register; one `roadshift run` started (before Prefect) stays to the end
+                    warm.close()
+                    metrics = read_json(Layout(root_path).metrics("evaluate"))
+                    mlflow.log_metrics(metrics)
+                    from tasks.registry import register
+
+                    registration, _ = register(root_path, params, parent.info.run_id, prefect_tags)
+                finally:
+                    wait(reports)
+                for report in reports:
+                    report.result()  # a report that could not be published fails the run
     push_to_remote(root_path)
 
     result = PipelineResult(

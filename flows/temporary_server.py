@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+from contextlib import AbstractContextManager
 
 
 def start_temporary_prefect_server() -> threading.Thread | None:
@@ -24,3 +25,12 @@ def start_temporary_prefect_server() -> threading.Thread | None:
     thread = threading.Thread(target=start, name="prefect-temporary-server", daemon=True)
     thread.start()
     return thread
+
+
+def without_heartbeats() -> AbstractContextManager:
+    """Flow runs send heartbeats so that a server can tell a crashed run from a slow one.
+    The temporary server ends with this process and has no use for them, and stopping
+    the heartbeat thread at the end of a run takes up to a second (it sleeps in 1 s steps)."""
+    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+
+    return temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None})

@@ -181,14 +181,17 @@ def command_run(args: argparse.Namespace) -> int:
 
     # both servers boot in their own processes while this one imports the flow
     with warm_stage_server(resolve_tracking_uri(params.tracking, root)):
-        from flows.temporary_server import start_temporary_prefect_server
+        from flows.temporary_server import start_temporary_prefect_server, without_heartbeats
 
         prefect_server = start_temporary_prefect_server()
         from flows.pipeline import training_pipeline
 
-        if prefect_server is not None:
-            prefect_server.join()
-        training_pipeline(root=str(root))
+        if prefect_server is None:
+            training_pipeline(root=str(root))
+            return 0
+        prefect_server.join()
+        with without_heartbeats():
+            training_pipeline(root=str(root))
     return 0
 
 

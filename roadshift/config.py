@@ -33,7 +33,11 @@ class BaseSection(_Section):
     seed: int = Field(42, ge=0)
     image_size: int = Field(64, ge=16, le=1024)
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    num_threads: int = Field(0, ge=0, description="torch intra-op threads; 0 = all cores")
+    num_threads: int = Field(
+        0,
+        ge=0,
+        description="torch intra-op threads; 0 = all cores (finetune and scratch: half each)",
+    )
     deterministic: bool = True
     progress_bars: bool | Literal["auto"] = Field(
         "auto", description="rich progress bars while training; auto = when stderr is a terminal"

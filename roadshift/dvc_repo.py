@@ -60,13 +60,18 @@ def _rebind_console_handlers() -> None:
 
 
 @contextmanager
-def open_repo(root: Path) -> Iterator:
+def open_repo(root: Path, *, wait_for_lock: bool = False) -> Iterator:
+    """``wait_for_lock``: wait for DVC's repository lock as long as it takes, as
+    ``dvc --wait-for-lock`` does, rather than fail after 3 s. DVC holds it for its
+    bookkeeping and lets go while a stage's command runs, so stages reproduced from
+    several threads (each with its own Repo) run their commands side by side. Those
+    threads must share one working directory: enter the root before starting them."""
     from dvc.repo import Repo
 
     if not (Path(root) / ".dvc").is_dir():
         raise FileNotFoundError(f"{Path(root) / '.dvc'}: not a DVC project; run `dvc init` first")
     _rebind_console_handlers()
-    with contextlib.chdir(root), Repo(str(root)) as repo:
+    with contextlib.chdir(root), Repo(str(root), _wait_for_lock=wait_for_lock) as repo:
         yield repo
 
 

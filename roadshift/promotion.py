@@ -413,7 +413,9 @@ def score_model(model_uri: str, evaluation: EvaluationSet) -> Scores:
 
     from roadshift.registry import IMAGE_COLUMN
 
-    model = mlflow.pyfunc.load_model(model_uri)
+    # no package-version comparison against the version's requirements (~0.5 s a model,
+    # a scan of every installed distribution): it warns, never changes the scores
+    model = mlflow.pyfunc.load_model(model_uri, suppress_warnings=True)
     frame = model.predict(pd.DataFrame({IMAGE_COLUMN: list(evaluation.images)}))
     predicted = [str(label) for label in frame["label"]]
     return score_predictions(

@@ -217,9 +217,11 @@ def _become_stage(request: dict, fds: list[int]) -> NoReturn:
 
 
 class _Server:
-    """One request at a time (DVC runs one stage at a time). Preloading goes on module by
-    module in between, also while a child runs, so a stage that arrives early waits for
-    one import at most and is forked with what is loaded so far."""
+    """Requests are served side by side (the pipeline trains two stages at once): each one
+    forks its child at once, and one loop watches the listener, every client (one that goes
+    away has its child killed) and every child's exit. Preloading goes on module by module
+    in between, also while children run, so a stage that arrives early waits for one
+    import at most and is forked with what is loaded so far."""
 
     def __init__(self, listener: socket.socket, tracking_uri: str | None) -> None:
         self.listener = listener
@@ -227,6 +229,8 @@ class _Server:
         self.to_preload = list(FIRST_STAGES_MODULES)
         self.training_modules_queued = False
         self.stopping = threading.Event()
+        self.children: dict[int, socket.socket] = {}  # pid -> its client's connection
+        self.children_told_to_stop = False
 
     def preload_one(self) -> None:
         name = self.to_preload.pop(0)
@@ -234,17 +238,6 @@ class _Server:
             importlib.import_module(name)
         except Exception as error:  # the stage itself will raise it, with its own message
             print(f"roadshift stage server: could not preload {name}: {error}", file=sys.stderr)
-
-    def next_connection(self) -> socket.socket | None:
-        """A waiting client, or None after preloading one more module (or 0.5 s idle)."""
-        ready, _, _ = select.select([self.listener], [], [], 0 if self.to_preload else 0.5)
-        if ready:
-            conn, _ = self.listener.accept()
-            conn.setblocking(True)
-            return conn
-        if self.to_preload:
-            self.preload_one()
-        return None
 
     def open_tracking_store_once(self) -> None:
         uri, self.tracking_uri = self.tracking_uri, None
@@ -254,29 +247,48 @@ class _Server:
             except Exception as error:  # each stage then opens it, and reports it
                 print(f"roadshift stage server: {uri}: {error}", file=sys.stderr)
 
-    def wait_for_child(self, pid: int, conn: socket.socket) -> int:
-        """The child's exit status. If the client goes away first the child is killed;
-        if the server is told to stop, the child is told too."""
-        told_to_stop = False
-        while True:
-            done, status = os.waitpid(pid, os.WNOHANG)
-            if done:
-                return _exit_status(status)
-            if self.stopping.is_set() and not told_to_stop:
-                told_to_stop = True
+    def step(self) -> None:
+        """Wait briefly for a client or a gone client, act on it, reap finished children;
+        with nothing to act on, preload one more module."""
+        idle_wait = 0.1 if self.children else 0.5
+        # once told to stop, no new stage: a client left waiting sees EOF and runs it itself
+        listening = [] if self.stopping.is_set() else [self.listener]
+        watched = [*listening, *self.children.values()]
+        ready, _, _ = select.select(watched, [], [], 0 if self.to_preload else idle_wait)
+        for sock in ready:
+            if sock is self.listener:
+                conn, _ = self.listener.accept()
+                conn.setblocking(True)
+                self.start_child(conn)
+            elif not sock.recv(1):  # the client is gone: so must its stage be
+                self.signal_child(sock, signal.SIGKILL)
+        if self.stopping.is_set() and not self.children_told_to_stop:
+            self.children_told_to_stop = True
+            for pid in self.children:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGTERM)
-            readable, _, _ = select.select([conn], [], [], 0 if self.to_preload else 0.1)
-            if readable and not conn.recv(1):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-                _, status = os.waitpid(pid, 0)
-                return _exit_status(status)
-            if self.to_preload:
-                self.preload_one()
+        self.reap_children()
+        if self.to_preload and not ready:
+            self.preload_one()
 
-    def serve_one(self, conn: socket.socket) -> None:
-        """One request: fork, report the child's pid, wait, report its status."""
+    def signal_child(self, conn: socket.socket, signum: int) -> None:
+        for pid, child_conn in self.children.items():
+            if child_conn is conn:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signum)
+
+    def reap_children(self) -> None:
+        """Each finished child's exit status goes to its client, which then exits with it."""
+        for pid in list(self.children):
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                conn = self.children.pop(pid)
+                with contextlib.suppress(OSError):
+                    conn.sendall(_STATUS.pack(_exit_status(status)))
+                conn.close()
+
+    def start_child(self, conn: socket.socket) -> None:
+        """Fork a child for one request and report its pid to the client."""
         from roadshift.cli import is_stage_command
 
         header, fds, _, _ = socket.recv_fds(conn, _HEADER.size, len(_STDIO))
@@ -286,6 +298,7 @@ class _Server:
         if request is None or len(fds) != len(_STDIO) or not is_stage_command(request["argv"]):
             for fd in fds:
                 os.close(fd)
+            conn.close()
             return  # not a stage request: the client sees EOF and runs it itself
         self.open_tracking_store_once()
         if not self.training_modules_queued:  # a stage runs: training ones will follow
@@ -295,21 +308,19 @@ class _Server:
         sys.stderr.flush()
         pid = os.fork()
         if pid == 0:
-            conn.close()
-            self.listener.close()
+            for other in (self.listener, conn, *self.children.values()):
+                other.close()
             _become_stage(request, fds)
         for fd in fds:
             os.close(fd)
+        self.children[pid] = conn
         with contextlib.suppress(OSError):
             conn.sendall(_STATUS.pack(pid))
-        status = self.wait_for_child(pid, conn)
-        with contextlib.suppress(OSError):
-            conn.sendall(_STATUS.pack(status))
 
 
 def serve(socket_path: Path, tracking_uri: str | None) -> None:
     """Listen at once, then preload and serve until the process that started us is gone
-    or sends SIGTERM."""
+    or sends SIGTERM (children still running are told, and waited for)."""
     parent = os.getppid()
     _die_with_parent(signal.SIGTERM)  # stops as if told to, so the socket goes too
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the stage and the flow
@@ -319,11 +330,8 @@ def serve(socket_path: Path, tracking_uri: str | None) -> None:
     try:
         listener.bind(str(socket_path))
         listener.listen(16)
-        while not server.stopping.is_set() and os.getppid() == parent:
-            conn = server.next_connection()
-            if conn is not None:
-                with conn:
-                    server.serve_one(conn)
+        while (not server.stopping.is_set() or server.children) and os.getppid() == parent:
+            server.step()
     finally:
         listener.close()
         socket_path.unlink(missing_ok=True)

@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader
 
 from roadshift.checkpoints import Checkpointing
 from roadshift.config import BaseSection
+from roadshift.cores import torch_threads
 from roadshift.distributed import current_group, init_distributed
 from roadshift.loaders import make_loader, set_loader_epoch
 from roadshift.progress import EpochProgress
@@ -88,16 +89,17 @@ def _use_deterministic_algorithms() -> None:
         torch._C._set_deterministic_algorithms(True, warn_only=True)
 
 
-def configure_runtime(base: BaseSection) -> torch.device:
+def configure_runtime(base: BaseSection, sharing: int = 1) -> torch.device:
     """Seed everything, pin thread counts and join a torchrun group if there is one.
 
-    With ``deterministic`` a CPU run is bitwise repeatable.
+    ``sharing``: how many stages the pipeline trains side by side with this one
+    (:data:`roadshift.cores.TRAINED_SIDE_BY_SIDE`). With ``deterministic`` a CPU
+    run is bitwise repeatable.
     """
     random.seed(base.seed)
     np.random.seed(base.seed)
     torch.manual_seed(base.seed)
-    threads = base.num_threads or (os.cpu_count() or 1)
-    torch.set_num_threads(threads)
+    torch.set_num_threads(torch_threads(base, sharing))
     if base.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         _use_deterministic_algorithms()

@@ -64,9 +64,10 @@ def version_data(root: Path, params: Params) -> dict[str, str]:
 
 @task(name="dvc-stage")
 def reproduce_stage(root: Path, stage: str) -> StageRun:
+    """``dvc repro <stage>``; may run in a thread beside another stage's (same root as cwd)."""
     _stage_environment(root)
     started = time.perf_counter()
-    with open_repo(root) as repo:
+    with open_repo(root, wait_for_lock=True) as repo:
         reproduced = repo.reproduce(targets=[stage], single_item=True)
     return StageRun(stage, ran=bool(reproduced), seconds=time.perf_counter() - started)
 

@@ -11,11 +11,12 @@ finetune = reproduce_stage.with_options(name="finetune", retries=1, retry_delay_
 scratch = reproduce_stage.with_options(name="scratch", retries=1, retry_delay_seconds=5)
 evaluate = reproduce_stage.with_options(name="evaluate", retries=1, retry_delay_seconds=5)
 
-IN_ORDER = (
-    ("prepare", prepare),
-    ("validate", validate),
-    ("pretrain", pretrain),
-    ("finetune", finetune),
-    ("scratch", scratch),
-    ("evaluate", evaluate),
-)
+# in the order they run (dvc.yaml's dependency order)
+STAGE_TASKS = {
+    "prepare": prepare,
+    "validate": validate,
+    "pretrain": pretrain,
+    "finetune": finetune,
+    "scratch": scratch,
+    "evaluate": evaluate,
+}

@@ -11,7 +11,7 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from tests.conftest import make_project, venv_environment
+from tests.conftest import TINY_PARAMS, make_project, venv_environment
 
 pytestmark = pytest.mark.integration
 
@@ -19,7 +19,6 @@ pytestmark = pytest.mark.integration
 @pytest.fixture(scope="module")
 def first_run(tmp_path_factory, prefect_server):
     from flows.pipeline import training_pipeline
-    from tests.conftest import TINY_PARAMS
 
     root = make_project(tmp_path_factory.mktemp("project"), TINY_PARAMS)
     result = training_pipeline(root=str(root))

@@ -16,6 +16,8 @@ import psutil
 import pytest
 
 from roadshift.cli import main
+from roadshift.config import BaseSection
+from roadshift.cores import side_by_side_refusal
 from roadshift.layout import Layout
 from roadshift.stage_server import SOCKET_ENV, SWITCH_ENV, run_on_server, warm_stage_server
 from tests.conftest import TINY_PARAMS, make_project, venv_environment
@@ -180,7 +182,9 @@ def test_the_switch_turns_the_server_off(monkeypatch):
 def test_roadshift_run_on_the_temporary_prefect_server_runs_its_stages_in_the_warm_server(
     tmp_path,
 ):
-    root = make_project(tmp_path / "project", TINY_PARAMS)
+    # finetune and scratch long enough (a few seconds) to be seen side by side
+    params = {**TINY_PARAMS, "finetune": {**TINY_PARAMS["finetune"], "epochs": 40}}
+    root = make_project(tmp_path / "project", params)
     env = {
         k: v
         for k, v in venv_environment().items()
@@ -191,13 +195,15 @@ def test_roadshift_run_on_the_temporary_prefect_server_runs_its_stages_in_the_wa
     run = subprocess.Popen(
         command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
-    servers_seen, stages_in_server = set(), set()
+    servers_seen, stages_in_server, most_at_once = set(), set(), 0
     while run.poll() is None:
         try:
             for process in psutil.Process(run.pid).children():
                 if "roadshift.stage_server" in " ".join(process.cmdline()):
                     servers_seen.add(process.pid)
-                    stages_in_server.update(child.pid for child in process.children())
+                    children = {child.pid for child in process.children()}
+                    stages_in_server.update(children)
+                    most_at_once = max(most_at_once, len(children))
         except psutil.Error:
             pass
         time.sleep(0.05)
@@ -208,4 +214,6 @@ def test_roadshift_run_on_the_temporary_prefect_server_runs_its_stages_in_the_wa
         assert re.search(rf"^\s+{stage}\s+ran \(", output, re.MULTILINE), stage
     assert "Model version 1" in output
     assert len(servers_seen) == 1 and len(stages_in_server) >= 6
+    if side_by_side_refusal(BaseSection(**TINY_PARAMS["base"])) is None:
+        assert most_at_once == 2  # finetune and scratch, each in a child of its own
     assert not any(psutil.pid_exists(pid) for pid in servers_seen)

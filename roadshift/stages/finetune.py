@@ -19,6 +19,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from roadshift.config import Params
+from roadshift.cores import TRAINED_SIDE_BY_SIDE
 from roadshift.data.batch_transforms import create_batch_transform
 from roadshift.data.dataset import ManifestDataset, split_frame
 from roadshift.data.manifest import class_names, read_manifest
@@ -217,7 +218,7 @@ def _adapt_batchnorm(
 def run_finetune(
     params: Params, root: Path, on_epoch_end: EpochCallback | None = None
 ) -> StageOutcome:
-    device = configure_runtime(params.base)
+    device = configure_runtime(params.base, sharing=len(TRAINED_SIDE_BY_SIDE))
     layout = Layout(root)
     model, spec = load_model_dir(layout.model_dir("source"), device)
     manifest = read_manifest(layout.validated_manifest("target"))

@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 from roadshift.config import Params
+from roadshift.cores import TRAINED_SIDE_BY_SIDE
 from roadshift.distributed import current_group
 from roadshift.jsonio import write_json
 from roadshift.layout import Layout
@@ -48,7 +49,7 @@ def run_scratch(
     if not params.evaluate.scratch_baseline:
         _write_disabled_marker(model_dir)
         return StageOutcome({}, [write_json(layout.metrics("scratch"), {})])
-    device = configure_runtime(params.base)
+    device = configure_runtime(params.base, sharing=len(TRAINED_SIDE_BY_SIDE))
     trained = train_new_model(
         "scratch",
         layout.validated_manifest("target"),
