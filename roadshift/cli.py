@@ -176,22 +176,19 @@ def command_run(args: argparse.Namespace) -> int:
     params = load_params(root / "params.yaml")
     domain_folders(params, root)
 
+    from flows.temporary_server import running_against, start_temporary_prefect_server
+    from roadshift.layout import resolve_tracking_uri
     from roadshift.stage_server import warm_stage_server
-    from roadshift.tracking import resolve_tracking_uri
 
     # both servers boot in their own processes while this one imports the flow
-    with warm_stage_server(resolve_tracking_uri(params.tracking, root)):
-        from flows.temporary_server import start_temporary_prefect_server, without_heartbeats
-
-        prefect_server = start_temporary_prefect_server()
+    prefect_server = start_temporary_prefect_server()
+    with contextlib.ExitStack() as servers:
+        servers.enter_context(warm_stage_server(resolve_tracking_uri(params.tracking, root)))
         from flows.pipeline import training_pipeline
 
-        if prefect_server is None:
-            training_pipeline(root=str(root))
-            return 0
-        prefect_server.join()
-        with without_heartbeats():
-            training_pipeline(root=str(root))
+        if prefect_server is not None:
+            servers.enter_context(running_against(prefect_server))
+        training_pipeline(root=str(root))
     return 0
 
 
@@ -565,13 +562,18 @@ def end_process(code: int) -> NoReturn:
     Python's teardown of the torch, pandas, GX, MLflow and Prefect objects a command
     leaves takes 1-2 s, more than some stages' own work, and has nothing left to do:
     every file the command wrote is closed. What a normal exit must do still happens,
-    in CPython's order: non-daemon threads finish, atexit handlers run (Prefect's
+    in CPython's order: threading's exit hooks run (Prefect's log and event workers send
+    what they still hold) and non-daemon threads finish, atexit handlers run (Prefect's
     temporary server is stopped by one), the standard streams are flushed.
     """
-    for thread in threading.enumerate():
-        if thread is not threading.main_thread() and not thread.daemon:
-            thread.join()
-    atexit._run_exitfuncs()  # CPython's own exit path; there is no public spelling
+    # CPython's own exit path (Py_FinalizeEx calls both); there is no public spelling
+    try:
+        threading._shutdown()
+    except Exception:  # internals of another Python: at least join, as an exit would
+        for thread in threading.enumerate():
+            if thread is not threading.main_thread() and not thread.daemon:
+                thread.join()
+    atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):
             stream.flush()

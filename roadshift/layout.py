@@ -6,8 +6,15 @@ flows and the tests from drifting apart.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from roadshift.config import TrackingSection
+
+TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
 
 
 @dataclass(frozen=True)
@@ -61,3 +68,16 @@ class Layout:
         """The ``.dvc`` file DVC writes beside a tracked data folder."""
         path = domain_path if domain_path.is_absolute() else self.root / domain_path
         return path.with_name(path.name + ".dvc")
+
+
+def resolve_tracking_uri(cfg: TrackingSection, root: Path) -> str:
+    """``MLFLOW_TRACKING_URI``, else ``tracking.tracking_uri``, else ``<root>/mlruns/mlflow.db``.
+
+    Here, not in ``roadshift.tracking``: ``roadshift run`` needs it before importing MLflow.
+    """
+    from_env = os.environ.get(TRACKING_URI_ENV, "").strip()
+    if from_env:
+        return from_env
+    if cfg.tracking_uri:
+        return cfg.tracking_uri
+    return f"sqlite:///{Layout(root.resolve()).mlflow_dir / 'mlflow.db'}"

@@ -20,9 +20,8 @@ import yaml
 from mlflow.entities import LifecycleStage
 
 from roadshift.config import Params, TrackingSection, params_to_dict
-from roadshift.layout import Layout
+from roadshift.layout import TRACKING_URI_ENV, Layout, resolve_tracking_uri
 
-TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
 PARENT_RUN_ENV = "ROADSHIFT_PARENT_RUN_ID"
 STAGE_TAG = "roadshift.stage"
 RETRIES_ENV = "MLFLOW_HTTP_REQUEST_MAX_RETRIES"
@@ -34,22 +33,8 @@ class TrackingUnavailableError(RuntimeError):
     """The tracking server stopped answering and MLflow's bounded retries ran out."""
 
 
-def _default_store(root: Path) -> Path:
-    return Layout(root.resolve()).mlflow_dir / "mlflow.db"
-
-
 def default_artifact_dir(root: Path) -> Path:
     return Layout(root.resolve()).mlflow_dir / "artifacts"
-
-
-def resolve_tracking_uri(cfg: TrackingSection, root: Path) -> str:
-    """``MLFLOW_TRACKING_URI``, else ``tracking.tracking_uri``, else ``<root>/mlruns/mlflow.db``."""
-    from_env = os.environ.get(TRACKING_URI_ENV, "").strip()
-    if from_env:
-        return from_env
-    if cfg.tracking_uri:
-        return cfg.tracking_uri
-    return f"sqlite:///{_default_store(root)}"
 
 
 def _artifact_location(tracking_uri: str, root: Path) -> str | None:

@@ -195,10 +195,12 @@ def test_roadshift_run_on_the_temporary_prefect_server_runs_its_stages_in_the_wa
     run = subprocess.Popen(
         command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
-    servers_seen, stages_in_server, most_at_once = set(), set(), 0
+    servers_seen, stages_in_server, most_at_once, prefect_servers = set(), set(), 0, set()
     while run.poll() is None:
         try:
             for process in psutil.Process(run.pid).children():
+                if "prefect.server.api.server:create_app" in process.cmdline():
+                    prefect_servers.add(process.pid)
                 if "roadshift.stage_server" in " ".join(process.cmdline()):
                     servers_seen.add(process.pid)
                     children = {child.pid for child in process.children()}
@@ -217,3 +219,13 @@ def test_roadshift_run_on_the_temporary_prefect_server_runs_its_stages_in_the_wa
     if side_by_side_refusal(BaseSection(**TINY_PARAMS["base"])) is None:
         assert most_at_once == 2  # finetune and scratch, each in a child of its own
     assert not any(psutil.pid_exists(pid) for pid in servers_seen)
+    # Prefect's temporary server, started by `roadshift run` itself, ends with it too
+    assert len(prefect_servers) == 1
+    assert not any(psutil.pid_exists(pid) for pid in prefect_servers)
+
+
+def test_roadshift_run_starts_no_prefect_server_where_one_is_configured(monkeypatch):
+    from flows.temporary_server import start_temporary_prefect_server
+
+    monkeypatch.setenv("PREFECT_API_URL", "http://prefect.team:4200/api")
+    assert start_temporary_prefect_server() is None
