@@ -22,7 +22,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.futures import PrefectFuture, wait
 from prefect.runtime import flow_run
 
-from roadshift.config import Params, load_params, params_to_dict
+from roadshift.config import BaseSection, Params, load_params, params_to_dict
 from roadshift.jsonio import read_json
 from roadshift.layout import Layout
 from roadshift.lineage import lineage_tags
@@ -156,11 +156,11 @@ def _import_for_registration_meanwhile() -> None:
     threading.Thread(target=import_quietly, name="import-for-registration", daemon=True).start()
 
 
-def _side_by_side(root: Path) -> tuple[str, ...]:
+def _side_by_side(base: BaseSection) -> tuple[str, ...]:
     """The stages to train at the same time here; none where the machine does not allow."""
     from roadshift.cores import TRAINED_SIDE_BY_SIDE, side_by_side_refusal
 
-    refusal = side_by_side_refusal(load_params(root / "params.yaml").base)
+    refusal = side_by_side_refusal(base)
     if refusal is not None:
         names = " and ".join(TRAINED_SIDE_BY_SIDE)
         get_run_logger().info("%s train one after the other: %s", names, refusal)
@@ -168,15 +168,15 @@ def _side_by_side(root: Path) -> tuple[str, ...]:
     return TRAINED_SIDE_BY_SIDE
 
 
-def _steps(root: Path) -> Iterator[tuple[str, ...]]:
-    """The stages in order, one per step, but those trained side by side in one step.
-    Decided on reaching them, when the flow has imported torch anyway."""
+def _steps(base: BaseSection) -> Iterator[tuple[str, ...]]:
+    """The stages in order, one per step, but those trained side by side in one step
+    (decided on reaching them)."""
     from roadshift.cores import TRAINED_SIDE_BY_SIDE
 
     pending = list(STAGE_TASKS)
     while pending:
         name = pending.pop(0)
-        together = _side_by_side(root) if name in TRAINED_SIDE_BY_SIDE else ()
+        together = _side_by_side(base) if name in TRAINED_SIDE_BY_SIDE else ()
         pending = [other for other in pending if other not in together]
         yield together or (name,)
 
@@ -191,7 +191,9 @@ def _reproduce(root: Path, names: tuple[str, ...]) -> list[StageRun]:
     return [future.result() for future in futures]
 
 
-def _run_stages(root: Path, mlflow_run_id: str, reports: list[PrefectFuture]) -> list[StageRun]:
+def _run_stages(
+    root: Path, params: Params, mlflow_run_id: str, reports: list[PrefectFuture]
+) -> list[StageRun]:
     """Each DVC stage in order (two training stages side by side where the machine
     allows); reports go out as soon as their stage is done, beside the next step (their
     futures are added to ``reports``). The validation report comes first: it gates.
@@ -200,7 +202,7 @@ def _run_stages(root: Path, mlflow_run_id: str, reports: list[PrefectFuture]) ->
     """
     runs: list[StageRun] = []
     with contextlib.chdir(root):  # DVC's working directory, the same for every task thread
-        for names in _steps(root):
+        for names in _steps(params.base):
             trained_before = any(run.ran for run in runs)
             try:
                 runs.extend(_reproduce(root, names))
@@ -255,7 +257,7 @@ def training_pipeline(root: str = ".") -> PipelineResult:
                 reports: list[PrefectFuture] = []  # published while the next step runs
                 try:
                     with _parent_run_env(parent.info.run_id):
-                        stage_runs = _run_stages(root_path, parent.info.run_id, reports)
+                        stage_runs = _run_stages(root_path, params, parent.info.run_id, reports)
                     # a server this flow started stops here, its memory not needed to
                     # register; one `roadshift run` started (before Prefect) stays to the end
                     warm.close()
