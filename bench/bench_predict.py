@@ -44,10 +44,10 @@ import torch
 
 from roadshift.config import Params, RegisterSection, load_params, parse_params
 from roadshift.data.synth import CLASSES, image_rng, render_sign_image
-from roadshift.models import load_model_dir, save_model_dir
-from roadshift.registry import register_model_dir
-from roadshift.stages.common import new_model, new_model_spec
+from roadshift.registry.pyfunc import register_model_dir
 from roadshift.tracking import configure_tracking
+from roadshift.train.models import load_model_dir, save_model_dir
+from roadshift.train.recipe import new_model, new_model_spec
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 MODEL_NAME = "bench-road-signs"

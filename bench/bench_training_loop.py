@@ -42,14 +42,14 @@ import mlflow
 import torch
 from torch import nn
 
-from roadshift.checkpoints import Checkpointing
 from roadshift.config import Params, load_params
 from roadshift.data.batch_transforms import create_batch_transform
 from roadshift.data.manifest import build_manifest, class_names
 from roadshift.data.synth import source_split_counts, synthesize_domain
-from roadshift.stages.common import fit_options, new_model, new_model_spec, train_loader
 from roadshift.tracking import MetricLogger
-from roadshift.training import configure_runtime, fit
+from roadshift.train.checkpoints import Checkpointing
+from roadshift.train.loop import configure_runtime, fit
+from roadshift.train.recipe import fit_options, new_model, new_model_spec, train_loader
 
 TARGET_FRACTION = 0.85
 

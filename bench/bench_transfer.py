@@ -44,7 +44,7 @@ from roadshift.stages.prepare import run_prepare
 from roadshift.stages.pretrain import run_pretrain
 from roadshift.stages.scratch import run_scratch
 from roadshift.tracking import resolve_tracking_uri
-from roadshift.training import configure_runtime
+from roadshift.train.loop import configure_runtime
 
 REPO = Path(__file__).resolve().parents[1]
 OUTPUT = REPO / "bench" / "results"

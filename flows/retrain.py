@@ -28,8 +28,8 @@ from prefect.client.schemas.objects import Flow, FlowRun, State
 
 from flows.pipeline import PipelineResult, training_pipeline
 from roadshift.config import Params, load_params
-from roadshift.lineage import params_hash
-from roadshift.retraining import RetrainDecision, retrain_decision
+from roadshift.registry.lineage import params_hash
+from roadshift.registry.retraining import RetrainDecision, retrain_decision
 from tasks.dvc import version_data
 from tasks.notify import notify, notify_quietly
 
@@ -49,7 +49,7 @@ def compare_with_champion(
 ) -> RetrainDecision:
     from mlflow import MlflowClient
 
-    from roadshift.registry import champion_version
+    from roadshift.registry.pyfunc import champion_version
     from roadshift.tracking import configure_tracking
 
     configure_tracking(params, root)

@@ -7,16 +7,12 @@ the command that needs them, so ``roadshift --help`` and config errors are insta
 from __future__ import annotations
 
 import argparse
-import atexit
-import contextlib
 import os
 import shutil
 import subprocess
 import sys
-import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import NoReturn
 
 from roadshift.config import ConfigError, Params, load_params
 from roadshift.layout import Layout
@@ -27,6 +23,8 @@ OFFLINE_ENV = {
     "NO_ALBUMENTATIONS_UPDATE": "1",
     "GX_ANALYTICS_ENABLED": "false",
     "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+    # with no PREFECT_API_URL, flows run on Prefect's own local temporary server
+    "PREFECT_SERVER_EPHEMERAL_ENABLED": "true",
 }
 
 TRAINING_STAGES = ("pretrain", "finetune", "scratch", "evaluate")
@@ -37,13 +35,13 @@ STAGES = ("prepare", "validate", *TRAINING_STAGES, "register")
 def _expected_errors() -> tuple[type[BaseException], ...]:
     """Errors that mean bad input, shown as one clear message instead of a traceback."""
     from roadshift.data.manifest import CorruptImageError
-    from roadshift.models import WeightsError
-    from roadshift.promotion import PromotionError
-    from roadshift.reproduce import ReproductionError
+    from roadshift.registry.promotion import PromotionError
+    from roadshift.registry.reproduce import ReproductionError
     from roadshift.stages.finetune import LabelSetMismatchError
     from roadshift.stages.validate import DataValidationError
     from roadshift.tracking import TrackingUnavailableError
-    from roadshift.training import TrainingDivergedError
+    from roadshift.train.loop import TrainingDivergedError
+    from roadshift.train.models import WeightsError
 
     return (
         ConfigError,
@@ -127,19 +125,19 @@ def _log_outcome(outcome) -> None:
 
 
 def command_stage(args: argparse.Namespace) -> int:
-    from roadshift.distributed import (
+    from roadshift.tracking import (
+        configure_tracking,
+        explain_tracking_outage,
+        resolve_tracking_uri,
+        stage_run,
+    )
+    from roadshift.train.distributed import (
         TRAIN_PROCESSES_ENV,
         is_main_process,
         launched_by_torchrun,
         requested_processes,
         shutdown_distributed,
         torchrun_command,
-    )
-    from roadshift.tracking import (
-        configure_tracking,
-        explain_tracking_outage,
-        resolve_tracking_uri,
-        stage_run,
     )
 
     root = Path(args.root).resolve()
@@ -169,26 +167,16 @@ def command_stage(args: argparse.Namespace) -> int:
 
 
 def command_run(args: argparse.Namespace) -> int:
-    from roadshift.dvc_repo import domain_folders
+    from roadshift.data.dvc_repo import domain_folders
 
     root = Path(args.root).resolve()
     # a bad config or unusable data folders fail before Prefect is even imported
     params = load_params(root / "params.yaml")
     domain_folders(params, root)
 
-    from flows.temporary_server import running_against, start_temporary_prefect_server
-    from roadshift.layout import resolve_tracking_uri
-    from roadshift.stage_server import warm_stage_server
+    from flows.pipeline import training_pipeline
 
-    # both servers boot in their own processes while this one imports the flow
-    prefect_server = start_temporary_prefect_server()
-    with contextlib.ExitStack() as servers:
-        servers.enter_context(warm_stage_server(resolve_tracking_uri(params.tracking, root)))
-        from flows.pipeline import training_pipeline
-
-        if prefect_server is not None:
-            servers.enter_context(running_against(prefect_server))
-        training_pipeline(root=str(root))
+    training_pipeline(root=str(root))
     return 0
 
 
@@ -240,7 +228,7 @@ def command_data_add(args: argparse.Namespace) -> int:
 
 
 def command_data_pull(args: argparse.Namespace) -> int:
-    from roadshift.dvc_repo import DVC_REMOTE_ENV, chosen_remote, pull_domain_data
+    from roadshift.data.dvc_repo import DVC_REMOTE_ENV, chosen_remote, pull_domain_data
 
     root = Path(args.root).resolve()
     versions = pull_domain_data(load_params(root / args.params), root)
@@ -273,8 +261,8 @@ def command_data_validate(args: argparse.Namespace) -> int:
 
 
 def command_predict(args: argparse.Namespace) -> int:
-    """Wire ``roadshift.predict``; its errors (bad file, no champion) become one line, exit 2."""
-    from roadshift.predict import PredictError
+    """Wire ``roadshift.serve.predict``; its errors (bad file, no champion): one line, exit 2."""
+    from roadshift.serve.predict import PredictError
 
     root = Path(args.root).resolve()
     params_path = root / args.params
@@ -287,9 +275,9 @@ def command_predict(args: argparse.Namespace) -> int:
 
 
 def _run_predict(args: argparse.Namespace, params: Params, root: Path) -> int:
-    from roadshift import predict
-    from roadshift.progress import progress_enabled
+    from roadshift.serve import predict
     from roadshift.tracking import configure_tracking
+    from roadshift.train.progress import progress_enabled
 
     if args.out:
         predict.output_format(Path(args.out))  # a bad suffix fails before the model loads
@@ -331,7 +319,7 @@ def _registry_store(params: Params, root: Path) -> str:
     """
     import mlflow
 
-    from roadshift.promotion import PromotionError
+    from roadshift.registry.promotion import PromotionError
     from roadshift.tracking import configure_tracking, resolve_tracking_uri
 
     uri = resolve_tracking_uri(params.tracking, root)
@@ -351,7 +339,7 @@ def _registry_serialised(model_name: str, store_uri: str):
     registering flow run (and degrades, with a warning, where that limit does not exist)."""
     from contextlib import nullcontext
 
-    from roadshift.promotion import lock_path
+    from roadshift.registry.promotion import lock_path
 
     if lock_path(store_uri, model_name) is not None:
         return nullcontext("file lock")
@@ -364,7 +352,7 @@ def command_promote(args: argparse.Namespace) -> int:
     """Exit 0 promoted (or already champion), 1 refused by the gates, 2 bad request."""
     from mlflow import MlflowClient
 
-    from roadshift.promotion import current_user, promote_version
+    from roadshift.registry.promotion import current_user, promote_version
     from roadshift.stages.register import current_test_split
 
     root = Path(args.root).resolve()
@@ -406,7 +394,7 @@ def command_promote(args: argparse.Namespace) -> int:
 def command_rollback(args: argparse.Namespace) -> int:
     from mlflow import MlflowClient
 
-    from roadshift.promotion import current_user, rollback
+    from roadshift.registry.promotion import current_user, rollback
 
     root = Path(args.root).resolve()
     params = load_params(root / args.params)
@@ -440,7 +428,7 @@ def command_serve_schedule(args: argparse.Namespace) -> int:
 
 def command_reproduce(args: argparse.Namespace) -> int:
     """Exit 0 when metrics and weights come out identical, 1 when they differ."""
-    from roadshift.reproduce import comparison_table, reproduce_registered
+    from roadshift.registry.reproduce import comparison_table, reproduce_registered
 
     root = Path(args.root).resolve()
     params = load_params(root / args.params)
@@ -556,50 +544,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def end_process(code: int) -> NoReturn:
-    """End a ``roadshift`` process without tearing the interpreter down.
-
-    Python's teardown of the torch, pandas, GX, MLflow and Prefect objects a command
-    leaves takes 1-2 s, more than some stages' own work, and has nothing left to do:
-    every file the command wrote is closed. What a normal exit must do still happens,
-    in CPython's order: threading's exit hooks run (Prefect's log and event workers send
-    what they still hold) and non-daemon threads finish, atexit handlers run (Prefect's
-    temporary server is stopped by one), the standard streams are flushed.
-    """
-    # CPython's own exit path (Py_FinalizeEx calls both); there is no public spelling
-    try:
-        threading._shutdown()
-    except Exception:  # internals of another Python: at least join, as an exit would
-        for thread in threading.enumerate():
-            if thread is not threading.main_thread() and not thread.daemon:
-                thread.join()
-    atexit._run_exitfuncs()
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(Exception):
-            stream.flush()
-    os._exit(code)
-
-
-def _run_on_warm_server(args: argparse.Namespace) -> int | None:
-    """Under the pipeline flow a stage command runs in its warm server
-    (``roadshift.stage_server``); None when there is none to run it."""
-    from roadshift.stage_server import SOCKET_ENV, run_on_server
-
-    socket_path = os.environ.get(SOCKET_ENV)
-    if not socket_path:
-        return None
-    return run_on_server(args.argv, socket_path)
-
-
 def _dispatch(args: argparse.Namespace) -> int:
     handler: Callable[[argparse.Namespace], int] | None = getattr(args, "handler", None)
     if handler is None:
         build_parser().print_help()
         return 2
-    if handler is command_stage:
-        status = _run_on_warm_server(args)
-        if status is not None:
-            return status
     try:
         return handler(args)
     except ConfigError as error:
@@ -613,24 +562,12 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """The ``roadshift`` command; ``argv`` None means it is this process's entry point."""
+    """The ``roadshift`` command; ``argv`` None reads the process's arguments."""
     for key, value in OFFLINE_ENV.items():
         os.environ.setdefault(key, value)
     args = build_parser().parse_args(argv)
-    args.argv = list(sys.argv[1:] if argv is None else argv)  # to relaunch elsewhere
-    status = _dispatch(args)
-    if argv is None:
-        end_process(status)
-    return status
-
-
-def is_stage_command(argv: list[str]) -> bool:
-    """Whether ``roadshift <argv>`` is a ``stage`` command (the warm server runs nothing else)."""
-    try:
-        args = build_parser().parse_args(argv)
-    except SystemExit:
-        return False
-    return getattr(args, "handler", None) is command_stage
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # to relaunch under torchrun
+    return _dispatch(args)
 
 
 if __name__ == "__main__":

@@ -16,9 +16,8 @@ from pathlib import Path
 from prefect import task
 
 from roadshift.config import Params
-from roadshift.dvc_repo import chosen_remote, domain_folders, open_repo
+from roadshift.data.dvc_repo import chosen_remote, domain_folders, dvc_data_version, open_repo
 from roadshift.layout import Layout
-from roadshift.lineage import dvc_data_version
 
 
 @dataclass(frozen=True)
@@ -64,10 +63,10 @@ def version_data(root: Path, params: Params) -> dict[str, str]:
 
 @task(name="dvc-stage")
 def reproduce_stage(root: Path, stage: str) -> StageRun:
-    """``dvc repro <stage>``; may run in a thread beside another stage's (same root as cwd)."""
+    """``dvc repro <stage>``: runs the stage's command if its deps, params or outs changed."""
     _stage_environment(root)
     started = time.perf_counter()
-    with open_repo(root, wait_for_lock=True) as repo:
+    with open_repo(root) as repo:
         reproduced = repo.reproduce(targets=[stage], single_item=True)
     return StageRun(stage, ran=bool(reproduced), seconds=time.perf_counter() - started)
 

@@ -1,7 +1,7 @@
 """Registration as a Prefect task: log the model under the pipeline's MLflow run.
 
 Moving ``champion`` must be atomic with respect to other promoters. Beside a local MLflow
-store (SQLite, file) ``roadshift.promotion`` takes a file lock. A remote tracking server has
+store (SQLite, file) ``roadshift.registry`` takes a file lock. A remote tracking server has
 no file to lock beside, so this task holds one slot of the Prefect global concurrency limit
 ``roadshift-registry-<model_name>`` around the whole registration; every flow run that
 registers that model waits its turn. Create the limit once per Prefect server:
@@ -24,7 +24,7 @@ from pathlib import Path
 from prefect import task
 
 from roadshift.config import Params
-from roadshift.promotion import lock_path, registry_limit_name
+from roadshift.registry.promotion import lock_path, registry_limit_name
 from roadshift.stages.register import run_register
 
 SLOT_TIMEOUT_S = 1800.0  # a registration scores the champion and logs a model: minutes at most
@@ -37,7 +37,7 @@ def _logger() -> logging.Logger | logging.LoggerAdapter:
     try:
         return get_run_logger()
     except MissingContextError:
-        return logging.getLogger("roadshift.registry")
+        return logging.getLogger("roadshift.registry.pyfunc")
 
 
 def _limit_state(name: str) -> tuple[str, str]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 from prefect import task
@@ -11,6 +12,7 @@ from prefect.artifacts import create_markdown_artifact
 
 from roadshift.config import DOMAINS
 from roadshift.layout import Layout
+from tasks.dvc import StageRun
 
 CONTACT_SHEET = Path("reports") / "contact_sheet.png"
 EVALUATION_ARTIFACT_KEY = "evaluation-report"
@@ -127,7 +129,7 @@ def publish_evaluation(root: Path, mlflow_run_id: str) -> Path | None:
     stage: every pipeline run then carries the report of the model it ends with."""
     from mlflow import MlflowClient
 
-    from roadshift.eval_report import REPORT_DIR, REPORT_MD
+    from roadshift.evaluate.report import REPORT_DIR, REPORT_MD
 
     report_dir = root / REPORT_DIR
     report = report_dir / REPORT_MD
@@ -142,3 +144,90 @@ def publish_evaluation(root: Path, mlflow_run_id: str) -> Path | None:
         description="target test split: fine-tuned vs baselines, intervals, calibration",
     )
     return report
+
+
+@dataclass
+class PipelineResult:
+    """What one pipeline run did, for the summary and for the flows that call it."""
+
+    data_versions: dict[str, str]
+    stages: list[StageRun]
+    metrics: dict[str, float]
+    model_version: str
+    aliases: list[str]
+    promotion: str
+    mlflow_run_id: str
+    target_description: str = "target domain"
+
+
+# (label, fine-tuned, source-only, scratch) metric keys, all on the target test split
+COMPARISON_ROWS = (
+    ("accuracy", "target_accuracy", "source_only_target_accuracy", "scratch_target_accuracy"),
+    ("macro-F1", "target_macro_f1", "source_only_target_macro_f1", "scratch_target_macro_f1"),
+)
+COMPARISON_COLUMNS = ("fine-tuned", "source-only", "scratch")
+
+
+def _cell(metrics: dict[str, float], key: str) -> str:
+    return f"{metrics[key]:.3f}" if key in metrics else "—"
+
+
+def _domain_gap_line(metrics: dict[str, float]) -> str:
+    home = metrics.get("source_only_source_accuracy", float("nan"))
+    away = metrics.get("source_only_target_accuracy", float("nan"))
+    return (
+        f"Domain gap: the source-only model scores {home:.3f} accuracy on the source test split "
+        f"and {away:.3f} on the target test split (gap {home - away:.3f})"
+    )
+
+
+def _gain_line(metrics: dict[str, float]) -> str:
+    gains = [f"over source-only {metrics.get('transfer_gain_macro_f1', float('nan')):+.3f}"]
+    if "transfer_gain_over_scratch_macro_f1" in metrics:
+        gains.append(f"over scratch {metrics['transfer_gain_over_scratch_macro_f1']:+.3f}")
+    return "Transfer gain (macro-F1): " + ", ".join(gains)
+
+
+def _comparison_table(metrics: dict[str, float]) -> str:
+    lines = [
+        f"| target test split | {' | '.join(COMPARISON_COLUMNS)} |",
+        "|---|---|---|---|",
+    ]
+    for label, *keys in COMPARISON_ROWS:
+        lines.append(f"| {label} | " + " | ".join(_cell(metrics, k) for k in keys) + " |")
+    return "\n".join(lines)
+
+
+def summary_markdown(result: PipelineResult) -> str:
+    stages = "\n".join(
+        f"- {run.stage}: {run.status} ({run.seconds:.1f} s)" for run in result.stages
+    )
+    versions = ", ".join(f"{d}={v}" for d, v in result.data_versions.items())
+    return (
+        f"## roadshift training pipeline\n\n{_comparison_table(result.metrics)}\n\n"
+        f"{_domain_gap_line(result.metrics)}\n\n{_gain_line(result.metrics)}\n\n"
+        f"Stages:\n{stages}\n\nData versions: {versions}\n\n"
+        f"Registered model version {result.model_version} (aliases: "
+        f"{', '.join(result.aliases) or 'none'}); {result.promotion}\n"
+    )
+
+
+def print_summary(result: PipelineResult) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    table = Table(title=f"Target test split ({result.target_description})")
+    table.add_column("metric")
+    for column in COMPARISON_COLUMNS:
+        table.add_column(column, justify="right")
+    for label, *keys in COMPARISON_ROWS:
+        table.add_row(label, *(_cell(result.metrics, k) for k in keys))
+    console.print(table)
+    console.print(_domain_gap_line(result.metrics))
+    console.print(_gain_line(result.metrics))
+    for run in result.stages:
+        console.print(f"  {run.stage:<9} {run.status} ({run.seconds:.1f} s)")
+    console.print(
+        f"Model version {result.model_version}: aliases {result.aliases}; {result.promotion}"
+    )

@@ -8,8 +8,8 @@ from pathlib import Path
 import torch
 
 from roadshift.config import BaseSection
-from roadshift.distributed import current_group, shutdown_distributed
-from roadshift.training import FitOptions, configure_runtime, fit
+from roadshift.train.distributed import current_group, shutdown_distributed
+from roadshift.train.loop import FitOptions, configure_runtime, fit
 from tests.test_training import Blobs, loaders, tiny_net
 
 

@@ -19,7 +19,7 @@ import torchvision
 from torch import nn
 
 from roadshift.config import ModelSection
-from roadshift.models import (
+from roadshift.train.models import (
     WeightsError,
     backbone_blocks,
     create_model,

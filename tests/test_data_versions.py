@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from roadshift.cli import main
+from roadshift.data.dvc_repo import dvc_data_version
 from roadshift.data.versioning import UnknownClassError, plan_copies
-from roadshift.lineage import dvc_data_version
 from tests.conftest import make_project
 
 

@@ -18,8 +18,8 @@ from roadshift.data.dataset import ManifestDataset, load_rgb, split_frame
 from roadshift.data.manifest import build_manifest
 from roadshift.data.transforms import create_eval_transform
 from roadshift.layout import Layout
-from roadshift.loaders import make_loader
-from roadshift.models import IMAGENET_MEAN, IMAGENET_STD
+from roadshift.train.loaders import make_loader
+from roadshift.train.models import IMAGENET_MEAN, IMAGENET_STD
 
 SIZE = 16
 CLASSES = ("a", "b")

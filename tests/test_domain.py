@@ -8,7 +8,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from roadshift.config import AutoStrategySection
-from roadshift.models import create_model
+from roadshift.train.models import create_model
 from roadshift.transfer.domain import choose_strategy, embed, head_inputs, proxy_a_distance
 
 ARCH = "mobilenet_v3_small"

@@ -7,7 +7,7 @@ import shutil
 import pytest
 
 from roadshift.cli import main
-from roadshift.dvc_repo import open_repo
+from roadshift.data.dvc_repo import open_repo
 from tests.conftest import commit_everything, git, make_project
 
 

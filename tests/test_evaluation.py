@@ -10,10 +10,9 @@ import pytest
 from PIL import Image
 from sklearn.metrics import f1_score
 
-from roadshift import eval_report
 from roadshift.config import EvaluateSection
-from roadshift.eval_report import ReportInputs
-from roadshift.evaluation import (
+from roadshift.evaluate import report as eval_report
+from roadshift.evaluate.metrics import (
     _resampled_scores,
     bootstrap_intervals,
     calibration,
@@ -22,6 +21,7 @@ from roadshift.evaluation import (
     evaluate_probabilities,
     worst_mistakes,
 )
+from roadshift.evaluate.report import ReportInputs
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 CLASSES = ("give_way", "no_entry", "stop", "school_zone")

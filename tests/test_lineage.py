@@ -7,10 +7,9 @@ from pathlib import Path
 import pytest
 
 from roadshift.config import parse_params
-from roadshift.lineage import (
-    data_versions,
+from roadshift.data.dvc_repo import data_versions, dvc_data_version
+from roadshift.registry.lineage import (
     directory_digest,
-    dvc_data_version,
     git_commit,
     git_is_dirty,
     lineage_tags,

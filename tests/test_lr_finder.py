@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from roadshift.lr_finder import LrRangeResult, lr_range_test, plot_lr_range, suggest_lr
+from roadshift.train.lr_finder import LrRangeResult, lr_range_test, plot_lr_range, suggest_lr
 
 CPU = torch.device("cpu")
 START_LR, END_LR = 1e-6, 1.0

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 
 from roadshift.config import PretrainSection
-from roadshift.loaders import make_loader
-from roadshift.stages.common import tune_learning_rate
+from roadshift.train.loaders import make_loader
+from roadshift.train.recipe import tune_learning_rate
 from tests.test_training import Blobs, loaders, tiny_net
 
 CPU = torch.device("cpu")

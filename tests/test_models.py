@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from roadshift.models import (
+from roadshift.train.models import (
     ModelSpec,
     WeightsError,
     backbone_parameters,

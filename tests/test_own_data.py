@@ -10,7 +10,7 @@ import yaml
 
 from roadshift.cli import main
 from roadshift.config import ConfigError, parse_params
-from roadshift.dvc_repo import domain_folders
+from roadshift.data.dvc_repo import domain_folders
 from tests.conftest import git, make_project
 
 

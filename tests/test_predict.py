@@ -20,8 +20,8 @@ from PIL import Image
 from roadshift.config import RegisterSection, parse_params
 from roadshift.data.dataset import load_rgb
 from roadshift.data.transforms import create_eval_transform
-from roadshift.models import ModelSpec, create_model, save_model_dir
-from roadshift.predict import (
+from roadshift.registry.pyfunc import CHAMPION, load_champion, register_model_dir
+from roadshift.serve.predict import (
     CHAMPION_ALIAS,
     PredictError,
     batch_progress,
@@ -29,8 +29,8 @@ from roadshift.predict import (
     find_images,
     output_format,
 )
-from roadshift.registry import CHAMPION, load_champion, register_model_dir
 from roadshift.tracking import configure_tracking
+from roadshift.train.models import ModelSpec, create_model, save_model_dir
 from tests.conftest import venv_environment
 
 CLASSES = ("stop", "give_way", "no_entry")
@@ -119,8 +119,9 @@ def write_project(root: Path, model_name: str) -> Path:
 DRIVER = r"""
 import contextlib, io, json, sys, traceback
 
-FORBIDDEN = ("torch", "torchvision", "albumentations", "roadshift.models", "roadshift.registry",
-             "roadshift.data.transforms", "roadshift.training", "roadshift.stages",
+FORBIDDEN = ("torch", "torchvision", "albumentations", "roadshift.train.models",
+             "roadshift.registry.pyfunc",
+             "roadshift.data.transforms", "roadshift.train.loop", "roadshift.stages",
              "roadshift.transfer")
 outside_pyfunc = set()
 

@@ -18,8 +18,7 @@ from mlflow import MlflowClient
 
 from roadshift.cli import main
 from roadshift.config import Params, PrepareSection, RegisterSection, load_params, parse_params
-from roadshift.models import ModelSpec, create_model, save_model_dir
-from roadshift.promotion import (
+from roadshift.registry.promotion import (
     CHAMPION,
     PREVIOUS_CHAMPION,
     Scores,
@@ -28,8 +27,9 @@ from roadshift.promotion import (
     lock_path,
     registry_limit_name,
 )
-from roadshift.registry import RegistrationResult, register_model_dir
+from roadshift.registry.pyfunc import RegistrationResult, register_model_dir
 from roadshift.tracking import configure_tracking
+from roadshift.train.models import ModelSpec, create_model, save_model_dir
 
 CLASSES = ("stop", "give_way", "no_entry")
 GATES = RegisterSection(model_name="gates", min_macro_f1=0.5, min_improvement=0.02)

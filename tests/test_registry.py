@@ -19,10 +19,9 @@ from sklearn.metrics import f1_score
 
 from roadshift.config import RegisterSection, parse_params
 from roadshift.data.transforms import create_eval_transform
-from roadshift.lineage import sha256_file
-from roadshift.models import ModelSpec, create_model, load_model_dir, save_model_dir
-from roadshift.promotion import EvaluationSet
-from roadshift.registry import (
+from roadshift.registry.lineage import sha256_file
+from roadshift.registry.promotion import EvaluationSet
+from roadshift.registry.pyfunc import (
     CHAMPION_GATE_METRIC,
     DataSummary,
     RegistrationResult,
@@ -33,6 +32,7 @@ from roadshift.registry import (
     render_model_card,
 )
 from roadshift.tracking import configure_tracking
+from roadshift.train.models import ModelSpec, create_model, load_model_dir, save_model_dir
 
 CLASSES = ("stop", "give_way", "no_entry")
 NAME = "test-road-signs"

@@ -12,7 +12,7 @@ from mlflow import MlflowClient
 from roadshift.cli import main
 from roadshift.config import load_params
 from roadshift.data.synth import add_target_batch
-from roadshift.reproduce import REPRODUCES_TAG, ReproductionError, reproduce_registered
+from roadshift.registry.reproduce import REPRODUCES_TAG, ReproductionError, reproduce_registered
 from tests.conftest import TINY_PARAMS, commit_everything, git, make_project
 
 pytestmark = pytest.mark.integration

@@ -14,7 +14,7 @@ from mlflow import MlflowClient
 
 from roadshift.config import load_params
 from roadshift.data.synth import add_target_batch
-from roadshift.retraining import retrain_decision
+from roadshift.registry.retraining import retrain_decision
 from tests.conftest import TINY_PARAMS, make_project
 
 CHAMPION_TAGS = {

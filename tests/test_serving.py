@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from roadshift.registry import load_champion
+from roadshift.registry.pyfunc import load_champion
 from tests.conftest import PROJECT_ROOT, venv_environment
 from tests.test_predict import CLASSES, png_bytes, register_champion
 

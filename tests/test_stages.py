@@ -13,7 +13,7 @@ import yaml
 from roadshift.cli import main
 from roadshift.config import parse_params
 from roadshift.layout import Layout
-from roadshift.models import load_model_dir
+from roadshift.train.models import load_model_dir
 from tests.conftest import make_project
 
 
@@ -191,8 +191,8 @@ def test_finetune_strategies_auto_and_feature_extraction(
     trained_project, tmp_path, strategy, capsys
 ):
     """The plans themselves are tested in test_strategies.py; here the stage's wiring."""
-    from roadshift.models import head_module_name, head_parameters
     from roadshift.stages.finetune import run_finetune
+    from roadshift.train.models import head_module_name, head_parameters
     from roadshift.transfer.domain import choose_strategy
 
     root = tmp_path / "project"  # a copy: the module's other tests read models/target

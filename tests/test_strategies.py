@@ -16,8 +16,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from roadshift.config import FinetuneSection
-from roadshift.models import ModelSpec, backbone_blocks, create_model, head_parameters
-from roadshift.training import FitOptions, fit, make_loader
+from roadshift.train.loop import FitOptions, fit, make_loader
+from roadshift.train.models import ModelSpec, backbone_blocks, create_model, head_parameters
 from roadshift.transfer.embeddings import fit_head_on_embeddings, fit_head_with_embedding_cache
 from roadshift.transfer.strategies import plan_finetune, reestimate_batchnorm
 

@@ -8,9 +8,9 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from roadshift.checkpoints import Checkpointing
-from roadshift.loaders import EpochBatchSampler, make_loader
-from roadshift.training import (
+from roadshift.train.checkpoints import Checkpointing
+from roadshift.train.loaders import EpochBatchSampler, make_loader
+from roadshift.train.loop import (
     FitOptions,
     TrainingDivergedError,
     _clip_gradients,
@@ -238,7 +238,7 @@ def test_batches_depend_only_on_seed_and_epoch_and_are_sharded_across_ranks():
 
 
 def test_auto_workers_leave_a_small_cpu_only_machine_to_the_training_threads(monkeypatch):
-    from roadshift.loaders import resolve_num_workers
+    from roadshift.train.loaders import resolve_num_workers
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr("os.cpu_count", lambda: 2)

@@ -4,7 +4,7 @@ Per-image albumentations pipelines cost more than the model's own training step 
 small CPU machine (profiled: about 0.3 ms per 64 px image, a third of the step), so the
 training loaders take decoded uint8 batches (``roadshift.data.decoded``) and augment
 them here in one go. Every random draw of a batch comes from one ``torch.Generator``
-seeded with the batch's seed (``roadshift.loaders``), so augmentations stay a pure
+seeded with the batch's seed (``roadshift.train.loaders``), so augmentations stay a pure
 function of ``(seed, epoch, batch)``: the same with any worker count or resume point.
 
 The augmentations keep the meaning of ``params.yaml``'s ``augment`` section:

@@ -2,7 +2,7 @@
 
 Images come decoded once from ``roadshift.data.decoded`` (a memory-mapped uint8 array)
 and are transformed a batch at a time by ``roadshift.data.batch_transforms``. The
-loader (``roadshift.loaders``) asks for a batch through ``__getitems__``; a seeded batch
+loader (``roadshift.train.loaders``) asks for a batch through ``__getitems__``; a seeded batch
 seeds the batch's augmentations, which is what keeps an epoch reproducible.
 """
 
@@ -81,7 +81,7 @@ class ManifestDataset(Dataset):
         return images[0], targets[0]
 
     def __getitems__(self, batch: Sequence[int]) -> Batch:
-        """A ``SeededBatch`` (see roadshift.loaders) seeds its augmentations."""
+        """A ``SeededBatch`` (see roadshift.train.loaders) seeds its augmentations."""
         return self._batch(getattr(batch, "indices", batch), getattr(batch, "seed", None))
 
 

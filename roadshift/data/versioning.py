@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from roadshift.config import SPLITS, Params
-from roadshift.dvc_repo import open_repo
+from roadshift.data.dvc_repo import open_repo
 from roadshift.layout import Layout
-from roadshift.lineage import dvc_data_version
+from roadshift.data.dvc_repo import dvc_data_version
 
 
 class UnknownClassError(ValueError):

@@ -9,7 +9,7 @@ Scores start from class probabilities, so besides accuracy and macro-F1 the stag
 reports bootstrap intervals (is a gain bigger than test-split noise?), calibration
 (can the confidences be thresholded?) and the confusion counts. Numbers go to
 ``metrics/`` and ``plots/`` for DVC; figures and a Markdown report for people go to
-``reports/evaluation/`` (``roadshift.eval_report``).
+``reports/evaluation/`` (``roadshift.evaluate.report``).
 """
 
 from __future__ import annotations
@@ -23,24 +23,25 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from roadshift import eval_report
 from roadshift.config import Params
 from roadshift.data.dataset import split_frame
 from roadshift.data.manifest import read_manifest
-from roadshift.eval_report import ReportInputs
-from roadshift.evaluation import (
+from roadshift.evaluate import report as eval_report
+from roadshift.evaluate.metrics import (
     ClassificationReport,
     Evaluation,
     classification_report,
     evaluate_probabilities,
     worst_mistakes,
 )
+from roadshift.evaluate.report import ReportInputs
 from roadshift.jsonio import write_json
 from roadshift.layout import Layout
-from roadshift.models import load_model_dir
-from roadshift.stages.common import StageOutcome, eval_loader
+from roadshift.stages.outcome import StageOutcome
 from roadshift.stages.scratch import scratch_enabled
-from roadshift.training import configure_runtime, predict_logits
+from roadshift.train.loop import configure_runtime, predict_logits
+from roadshift.train.models import load_model_dir
+from roadshift.train.recipe import eval_loader
 
 
 @dataclass(frozen=True)

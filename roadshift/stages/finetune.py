@@ -19,30 +19,29 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from roadshift.config import Params
-from roadshift.cores import TRAINED_SIDE_BY_SIDE
 from roadshift.data.batch_transforms import create_batch_transform
 from roadshift.data.dataset import ManifestDataset, split_frame
 from roadshift.data.manifest import class_names, read_manifest
-from roadshift.distributed import current_group
 from roadshift.jsonio import write_json
 from roadshift.layout import Layout
-from roadshift.models import ModelSpec, load_model_dir, save_model_dir
-from roadshift.stages.common import (
-    EpochCallback,
-    StageOutcome,
-    eval_loader,
-    fit_options,
-    stage_checkpointing,
-    train_loader,
-    tune_learning_rate,
-)
-from roadshift.training import (
+from roadshift.stages.outcome import StageOutcome
+from roadshift.train.distributed import current_group
+from roadshift.train.loop import (
     TrainResult,
     accuracy,
     configure_runtime,
     fit,
     make_loader,
     predict_logits,
+)
+from roadshift.train.models import ModelSpec, load_model_dir, save_model_dir
+from roadshift.train.recipe import (
+    EpochCallback,
+    eval_loader,
+    fit_options,
+    stage_checkpointing,
+    train_loader,
+    tune_learning_rate,
 )
 from roadshift.transfer.domain import StrategyChoice, choose_strategy, embed, proxy_a_distance
 from roadshift.transfer.embeddings import fit_head_with_embedding_cache
@@ -218,7 +217,7 @@ def _adapt_batchnorm(
 def run_finetune(
     params: Params, root: Path, on_epoch_end: EpochCallback | None = None
 ) -> StageOutcome:
-    device = configure_runtime(params.base, sharing=len(TRAINED_SIDE_BY_SIDE))
+    device = configure_runtime(params.base)
     layout = Layout(root)
     model, spec = load_model_dir(layout.model_dir("source"), device)
     manifest = read_manifest(layout.validated_manifest("target"))

@@ -5,17 +5,17 @@ from __future__ import annotations
 from pathlib import Path
 
 from roadshift.config import Params
-from roadshift.distributed import current_group
 from roadshift.jsonio import write_json
 from roadshift.layout import Layout
-from roadshift.models import save_model_dir
-from roadshift.stages.common import (
+from roadshift.stages.outcome import StageOutcome
+from roadshift.train.distributed import current_group
+from roadshift.train.loop import accuracy, configure_runtime, predict_logits
+from roadshift.train.models import save_model_dir
+from roadshift.train.recipe import (
     EpochCallback,
-    StageOutcome,
     eval_loader,
     train_new_model,
 )
-from roadshift.training import accuracy, configure_runtime, predict_logits
 
 
 def run_pretrain(

@@ -14,13 +14,14 @@ from pathlib import Path
 import pandas as pd
 
 from roadshift.config import DOMAINS, Params
+from roadshift.data.dvc_repo import UNKNOWN
 from roadshift.data.manifest import class_names, read_manifest
 from roadshift.jsonio import read_json
 from roadshift.layout import Layout
-from roadshift.lineage import UNKNOWN, lineage_tags
-from roadshift.promotion import EvaluationSet, evaluation_set_from_manifest
-from roadshift.registry import DataSummary, register_model_dir
-from roadshift.stages.common import StageOutcome
+from roadshift.registry.lineage import lineage_tags
+from roadshift.registry.promotion import EvaluationSet, evaluation_set_from_manifest
+from roadshift.registry.pyfunc import DataSummary, register_model_dir
+from roadshift.stages.outcome import StageOutcome
 
 PER_CLASS_METRICS = "evaluate_per_class.json"
 # `roadshift data synth` names files 00000.png, or <batch>-00000.png for added batches.

@@ -12,17 +12,16 @@ import json
 from pathlib import Path
 
 from roadshift.config import Params
-from roadshift.cores import TRAINED_SIDE_BY_SIDE
-from roadshift.distributed import current_group
 from roadshift.jsonio import write_json
 from roadshift.layout import Layout
-from roadshift.models import save_model_dir
-from roadshift.stages.common import (
+from roadshift.stages.outcome import StageOutcome
+from roadshift.train.distributed import current_group
+from roadshift.train.loop import configure_runtime
+from roadshift.train.models import save_model_dir
+from roadshift.train.recipe import (
     EpochCallback,
-    StageOutcome,
     train_new_model,
 )
-from roadshift.training import configure_runtime
 
 DISABLED_MARKER = "disabled.json"
 
@@ -49,7 +48,7 @@ def run_scratch(
     if not params.evaluate.scratch_baseline:
         _write_disabled_marker(model_dir)
         return StageOutcome({}, [write_json(layout.metrics("scratch"), {})])
-    device = configure_runtime(params.base, sharing=len(TRAINED_SIDE_BY_SIDE))
+    device = configure_runtime(params.base)
     trained = train_new_model(
         "scratch",
         layout.validated_manifest("target"),

@@ -20,8 +20,8 @@ import torch
 from torch import nn
 
 from roadshift.config import AutoStrategySection
-from roadshift.models import head_module_name
-from roadshift.training import amp_dtype
+from roadshift.train.loop import amp_dtype
+from roadshift.train.models import head_module_name
 from roadshift.transfer.strategies import Strategy
 
 CV_FOLDS = 5

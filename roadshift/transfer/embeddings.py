@@ -24,8 +24,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from roadshift.config import FinetuneSection
 from roadshift.data.batch_transforms import create_batch_transform
 from roadshift.data.dataset import ManifestDataset, split_frame
-from roadshift.models import ModelSpec, head_module_name
-from roadshift.training import EpochCallback, FitOptions, TrainResult, fit, make_loader
+from roadshift.train.loop import EpochCallback, FitOptions, TrainResult, fit, make_loader
+from roadshift.train.models import ModelSpec, head_module_name
 from roadshift.transfer.domain import head_inputs
 
 

@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from roadshift.config import FinetuneSection
-from roadshift.models import backbone_blocks, head_module_name, replace_head
+from roadshift.train.models import backbone_blocks, head_module_name, replace_head
 
 Strategy = Literal["feature_extraction", "fine_tune"]
 STRATEGIES: tuple[str, str] = ("feature_extraction", "fine_tune")

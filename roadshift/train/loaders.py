@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from roadshift.distributed import current_group
+from roadshift.train.distributed import current_group
 
 
 class SeededBatch(NamedTuple):

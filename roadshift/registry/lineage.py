@@ -12,12 +12,9 @@ import subprocess
 from collections.abc import Mapping
 from pathlib import Path
 
-import yaml
+from roadshift.config import Params, params_to_dict
+from roadshift.data.dvc_repo import UNKNOWN, data_versions
 
-from roadshift.config import DOMAINS, Params, params_to_dict
-from roadshift.layout import Layout
-
-UNKNOWN = "unknown"
 _CHUNK = 1 << 20
 
 # DVC rewrites these on every `dvc add`/`dvc repro`; the data versions they hold
@@ -49,30 +46,6 @@ def git_is_dirty(root: Path) -> bool:
         root, "status", "--porcelain", "--untracked-files=no", "--", ".", *_DVC_BOOKKEEPING
     )
     return bool(status)
-
-
-def dvc_data_version(pointer_file: Path) -> str | None:
-    """``outs[0].md5`` of a ``.dvc`` file (``<md5>.dir`` for a folder), or None if there is none."""
-    pointer_file = Path(pointer_file)
-    if not pointer_file.is_file():
-        return None
-    try:
-        content = yaml.safe_load(pointer_file.read_text()) or {}
-        return str(content["outs"][0]["md5"])
-    except (yaml.YAMLError, KeyError, IndexError, TypeError):
-        raise ValueError(
-            f"{pointer_file}: not a DVC pointer file (expected outs[0].md5); "
-            "recreate it with `dvc add`"
-        ) from None
-
-
-def data_versions(params: Params, root: Path) -> dict[str, str]:
-    """Each domain's DVC data version, ``"unknown"`` where its folder is not DVC-tracked."""
-    layout = Layout(root)
-    return {
-        domain: dvc_data_version(layout.data_pointer(params.data.domain(domain).path)) or UNKNOWN
-        for domain in DOMAINS
-    }
 
 
 def params_hash(params: Params) -> str:

@@ -26,10 +26,10 @@ from pathlib import Path
 import yaml
 
 from roadshift.config import DOMAINS, Params, params_to_dict, parse_params
-from roadshift.dvc_repo import remote_option
+from roadshift.data.dvc_repo import UNKNOWN, remote_option
 from roadshift.jsonio import read_json
 from roadshift.layout import Layout
-from roadshift.lineage import UNKNOWN, params_hash, sha256_file
+from roadshift.registry.lineage import params_hash, sha256_file
 
 RESOLVED_PARAMS_ARTIFACT = "resolved_params.json"
 REPRODUCES_TAG = "roadshift.reproduces"
@@ -154,7 +154,7 @@ def temporary_worktree(root: Path, commit: str, keep: bool = False) -> Iterator[
 
 def _dvc_remote_urls(root: Path) -> dict[str, str]:
     """Every configured DVC remote of the project, with local paths made absolute."""
-    from roadshift.dvc_repo import open_repo
+    from roadshift.data.dvc_repo import open_repo
 
     with open_repo(root) as repo:
         remotes = dict(repo.config.get("remote", {}))

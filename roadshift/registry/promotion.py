@@ -411,7 +411,7 @@ def score_model(model_uri: str, evaluation: EvaluationSet) -> Scores:
     import mlflow
     import pandas as pd
 
-    from roadshift.registry import IMAGE_COLUMN
+    from roadshift.registry.pyfunc import IMAGE_COLUMN
 
     # no package-version comparison against the version's requirements (~0.5 s a model,
     # a scan of every installed distribution): it warns, never changes the scores

@@ -22,7 +22,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from roadshift.data.dataset import load_rgb
-from roadshift.evaluation import Calibration, ConfusionMatrix, Evaluation, Interval
+from roadshift.evaluate.metrics import Calibration, ConfusionMatrix, Evaluation, Interval
 
 DPI = 100
 # No "Software: matplotlib x.y" chunk: the bytes then depend on the inputs only.

@@ -15,7 +15,6 @@ import functools
 import math
 import os
 import random
-import sys
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -27,12 +26,12 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader
 
-from roadshift.checkpoints import Checkpointing
 from roadshift.config import BaseSection
-from roadshift.cores import torch_threads
-from roadshift.distributed import current_group, init_distributed
-from roadshift.loaders import make_loader, set_loader_epoch
-from roadshift.progress import EpochProgress
+from roadshift.train.checkpoints import Checkpointing
+from roadshift.train.distributed import current_group, init_distributed
+from roadshift.train.loaders import make_loader, set_loader_epoch
+from roadshift.train.progress import EpochProgress
+from roadshift.train.runtime import torch_threads
 
 EpochCallback = Callable[[dict[str, float], int], None]
 EpochHook = Callable[[nn.Module, int], None]
@@ -78,31 +77,18 @@ def resolve_device(choice: str) -> torch.device:
     return torch.device("cpu")
 
 
-def _use_deterministic_algorithms() -> None:
-    """``torch.use_deterministic_algorithms(True, warn_only=True)`` without its import of
-    ``torch._inductor`` (1.1 s of every stage process's start-up here, measured with
-    ``-X importtime``), which only sets a flag for ``torch.compile``: roadshift never
-    compiles. Where inductor is already loaded, the public call sets both."""
-    if "torch._inductor.config" in sys.modules:
-        torch.use_deterministic_algorithms(True, warn_only=True)
-    else:
-        torch._C._set_deterministic_algorithms(True, warn_only=True)
-
-
-def configure_runtime(base: BaseSection, sharing: int = 1) -> torch.device:
+def configure_runtime(base: BaseSection) -> torch.device:
     """Seed everything, pin thread counts and join a torchrun group if there is one.
 
-    ``sharing``: how many stages the pipeline trains side by side with this one
-    (:data:`roadshift.cores.TRAINED_SIDE_BY_SIDE`). With ``deterministic`` a CPU
-    run is bitwise repeatable.
+    With ``deterministic`` a CPU run is bitwise repeatable.
     """
     random.seed(base.seed)
     np.random.seed(base.seed)
     torch.manual_seed(base.seed)
-    torch.set_num_threads(torch_threads(base, sharing))
+    torch.set_num_threads(torch_threads(base))
     if base.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        _use_deterministic_algorithms()
+        torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
     return init_distributed(resolve_device(base.device))
 

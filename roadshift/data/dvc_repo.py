@@ -16,6 +16,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import yaml
+
+from roadshift.config import DOMAINS, Params
+from roadshift.layout import Layout
+
+UNKNOWN = "unknown"
 _DVC_LOGGERS = ("dvc", "dvc_objects", "dvc_data")
 # Which DVC remote the pipeline pushes to and a deployment pulls from; unset: core.remote.
 # An environment switch, so one committed .dvc/config serves a laptop and a team stack.
@@ -60,18 +66,15 @@ def _rebind_console_handlers() -> None:
 
 
 @contextmanager
-def open_repo(root: Path, *, wait_for_lock: bool = False) -> Iterator:
-    """``wait_for_lock``: wait for DVC's repository lock as long as it takes, as
-    ``dvc --wait-for-lock`` does, rather than fail after 3 s. DVC holds it for its
-    bookkeeping and lets go while a stage's command runs, so stages reproduced from
-    several threads (each with its own Repo) run their commands side by side. Those
-    threads must share one working directory: enter the root before starting them."""
+def open_repo(root: Path) -> Iterator:
+    """A DVC ``Repo`` at ``root``, with the working directory there while it is open (DVC
+    resolves stage and output paths against it)."""
     from dvc.repo import Repo
 
     if not (Path(root) / ".dvc").is_dir():
         raise FileNotFoundError(f"{Path(root) / '.dvc'}: not a DVC project; run `dvc init` first")
     _rebind_console_handlers()
-    with contextlib.chdir(root), Repo(str(root), _wait_for_lock=wait_for_lock) as repo:
+    with contextlib.chdir(root), Repo(str(root)) as repo:
         yield repo
 
 
@@ -103,7 +106,6 @@ def pull_domain_data(params, root: Path) -> dict[str, str]:
     """
     from roadshift.config import DOMAINS
     from roadshift.layout import Layout
-    from roadshift.lineage import dvc_data_version
 
     root = Path(root).resolve()
     layout = Layout(root)
@@ -131,3 +133,27 @@ def pull_domain_data(params, root: Path) -> dict[str, str]:
                 f"from remote {name!r}: {error}"
             ) from error
     return {d: dvc_data_version(p) or "unknown" for d, p in pointers.items()}
+
+
+def dvc_data_version(pointer_file: Path) -> str | None:
+    """``outs[0].md5`` of a ``.dvc`` file (``<md5>.dir`` for a folder), or None if there is none."""
+    pointer_file = Path(pointer_file)
+    if not pointer_file.is_file():
+        return None
+    try:
+        content = yaml.safe_load(pointer_file.read_text()) or {}
+        return str(content["outs"][0]["md5"])
+    except (yaml.YAMLError, KeyError, IndexError, TypeError):
+        raise ValueError(
+            f"{pointer_file}: not a DVC pointer file (expected outs[0].md5); "
+            "recreate it with `dvc add`"
+        ) from None
+
+
+def data_versions(params: Params, root: Path) -> dict[str, str]:
+    """Each domain's DVC data version, ``"unknown"`` where its folder is not DVC-tracked."""
+    layout = Layout(root)
+    return {
+        domain: dvc_data_version(layout.data_pointer(params.data.domain(domain).path)) or UNKNOWN
+        for domain in DOMAINS
+    }

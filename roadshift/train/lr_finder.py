@@ -3,7 +3,7 @@
 Before a fine-tuning run we sweep the learning rate exponentially over a few
 hundred mini-batches and watch the loss: too small and nothing moves, too large
 and it blows up. The rate where the loss falls fastest is a good peak rate for
-the one-cycle schedule in :func:`roadshift.training.fit`. The sweep trains the
+the one-cycle schedule in :func:`roadshift.train.loop.fit`. The sweep trains the
 real model, so everything it touches (weights, BatchNorm statistics, gradients,
 ``requires_grad``, train/eval flags and the global RNG streams) is put back
 afterwards: the caller then trains from exactly the start it would have had.
@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from roadshift.training import create_optimizer
+from roadshift.train.loop import create_optimizer
 
 MIN_POINTS = 10
 """Fewer recorded steps than this cannot show a descent followed by a minimum."""

@@ -6,7 +6,7 @@ from raw RGB images anywhere, with the same resize and normalisation as
 evaluation used (``create_eval_transform``): no train/serve skew.
 
 Registration logs the model, registers it as a new version (``challenger``), writes a
-model card beside it, and hands the champion decision to ``roadshift.promotion``: gates
+model card beside it, and hands the champion decision to ``roadshift.registry.promotion``: gates
 against the champion as re-read under the promotion lock.
 """
 
@@ -31,9 +31,8 @@ from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, Schema
 
 from roadshift.config import RegisterSection
-from roadshift.lineage import directory_digest, sha256_file
-from roadshift.models import ModelSpec
-from roadshift.promotion import (
+from roadshift.registry.lineage import directory_digest, sha256_file
+from roadshift.registry.promotion import (
     CHALLENGER,
     CHAMPION,
     CHAMPION_GATE_METRIC,
@@ -59,6 +58,7 @@ from roadshift.promotion import (
     registered_model,
     scores_from_metrics,
 )
+from roadshift.train.models import ModelSpec
 
 __all__ = [
     "CHALLENGER",
@@ -116,7 +116,7 @@ class RoadSignClassifier(mlflow.pyfunc.PythonModel):
         # albumentations asks the network for updates on import unless told not to.
         os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
         from roadshift.data.transforms import create_eval_transform
-        from roadshift.models import load_model_dir
+        from roadshift.train.models import load_model_dir
 
         self.model, self.spec = load_model_dir(Path(context.artifacts["model_dir"]))
         self.transform = create_eval_transform(self.spec.image_size, self.spec.mean, self.spec.std)

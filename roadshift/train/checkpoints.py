@@ -3,7 +3,7 @@
 A checkpoint holds everything the loop's future depends on: weights, optimiser,
 scheduler and AMP-scaler state, the best weights so far, the history and the
 early-stopping counter. RNG state is not needed because every epoch reseeds from
-``(seed, epoch)`` (see roadshift.loaders). A fingerprint of the stage's inputs
+``(seed, epoch)`` (see roadshift.train.loaders). A fingerprint of the stage's inputs
 and params guards against resuming a run that was started for other data or
 settings: such a checkpoint is discarded, not loaded.
 """

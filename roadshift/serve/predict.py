@@ -1,7 +1,7 @@
 """Batch prediction from the model registry: image files in, one row of probabilities per file.
 
 The model is whatever the registry holds (``models:/<name>@champion`` by default): a pyfunc
-that carries its own resize and normalisation (``roadshift.registry.RoadSignClassifier``).
+that carries its own resize and normalisation (``roadshift.registry.pyfunc.RoadSignClassifier``).
 So this module never imports torch or the training code: it finds files, decodes each one by
 the training loader's colour rule (``roadshift.data.images.to_rgb``) and hands the model raw
 uint8 batches. What the model sees is exactly what a serving client would send it.
@@ -24,7 +24,7 @@ from PIL import Image, UnidentifiedImageError
 
 from roadshift.data.images import to_rgb
 
-# The alias the register stage promotes to (roadshift.registry.CHAMPION). Not imported from
+# The alias the register stage promotes to (roadshift.registry.pyfunc.CHAMPION). Not imported from
 # there: the registry module pulls in torch and the model code, which prediction never needs.
 CHAMPION_ALIAS = "champion"
 DEFAULT_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
@@ -287,7 +287,7 @@ def batch_progress(total: int, enabled: bool) -> Iterator[OnBatch | None]:
     if not enabled:
         yield None
         return
-    from roadshift.progress import stderr_progress
+    from roadshift.train.progress import stderr_progress
 
     with stderr_progress() as progress:
         task = progress.add_task("predict", total=total)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -13,32 +13,23 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from roadshift.checkpoints import Checkpointing, fingerprint
 from roadshift.config import Params, TrainSection, params_to_dict
 from roadshift.data.batch_transforms import create_batch_transform
 from roadshift.data.dataset import ManifestDataset, split_frame
 from roadshift.data.manifest import class_names, read_manifest
 from roadshift.layout import Layout
-from roadshift.models import (
+from roadshift.train.checkpoints import Checkpointing, fingerprint
+from roadshift.train.loop import FitOptions, TrainResult, fit, make_loader
+from roadshift.train.models import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     ModelSpec,
     create_model,
     resolve_small_input_stem,
 )
-from roadshift.progress import progress_enabled
-from roadshift.training import FitOptions, TrainResult, fit, make_loader
+from roadshift.train.progress import progress_enabled
 
 EpochCallback = Callable[[dict[str, float], int], None]
-
-
-@dataclass
-class StageOutcome:
-    """Numbers and files a stage produced, for the shell (CLI/flow) to log and show."""
-
-    metrics: dict[str, float]
-    artifacts: list[Path] = field(default_factory=list)
-    details: dict = field(default_factory=dict)
 
 
 def new_model_spec(params: Params, class_names: tuple[str, ...]) -> ModelSpec:
@@ -110,7 +101,7 @@ def tune_learning_rate(
     (ratios between groups kept); otherwise keep the configured rates."""
     if not section.lr_finder:
         return LearningRateChoice(param_groups, {}, [])
-    from roadshift.lr_finder import lr_range_test, plot_lr_range
+    from roadshift.train.lr_finder import lr_range_test, plot_lr_range
 
     try:
         result = lr_range_test(

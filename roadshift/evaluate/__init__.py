@@ -1,0 +1,1 @@
+"""Scoring a model on a test split: metrics, intervals, calibration, the report."""

@@ -1,0 +1,1 @@
+"""Using a registered model: batch prediction from the registry."""

@@ -1,0 +1,1 @@
+"""The training engine: loop, loaders, checkpoints, models, runtime settings."""
