@@ -8,14 +8,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
-import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 from roadshift.config import ConfigError, Params, load_params
-from roadshift.layout import Layout
 
 OFFLINE_ENV = {
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
@@ -27,9 +24,9 @@ OFFLINE_ENV = {
     "PREFECT_SERVER_EPHEMERAL_ENABLED": "true",
 }
 
-TRAINING_STAGES = ("pretrain", "finetune", "scratch", "evaluate")
-DATA_PARALLEL_STAGES = ("pretrain", "finetune", "scratch")
-STAGES = ("prepare", "validate", *TRAINING_STAGES, "register")
+# the stage names `roadshift stage` accepts (roadshift.stages.runner.STAGES; kept here so
+# parsing the command line imports no stage code)
+STAGES = ("prepare", "validate", "pretrain", "finetune", "scratch", "evaluate", "register")
 
 
 def _expected_errors() -> tuple[type[BaseException], ...]:
@@ -57,113 +54,12 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     )
 
 
-def _run_stage_function(stage: str, params: Params, root: Path):
-    from roadshift.tracking import MetricLogger
-
-    log_epoch = MetricLogger()
-    if stage == "prepare":
-        from roadshift.stages.prepare import run_prepare
-
-        return run_prepare(params, root)
-    if stage == "validate":
-        return _validate_and_publish(params, root)
-    if stage == "pretrain":
-        from roadshift.stages.pretrain import run_pretrain
-
-        return run_pretrain(params, root, on_epoch_end=log_epoch)
-    if stage == "finetune":
-        from roadshift.stages.finetune import run_finetune
-
-        return run_finetune(params, root, on_epoch_end=log_epoch)
-    if stage == "scratch":
-        from roadshift.stages.scratch import run_scratch
-
-        return run_scratch(params, root, on_epoch_end=log_epoch)
-    if stage == "evaluate":
-        from roadshift.stages.evaluate import run_evaluate
-
-        return run_evaluate(params, root)
-    if stage == "register":
-        from roadshift.stages.register import run_register
-
-        return run_register(params, root)
-    raise ValueError(f"unknown stage {stage!r}; choose one of {', '.join(STAGES)}")
-
-
-def _validate_and_publish(params: Params, root: Path):
-    """Validate, and only then hand the manifests to training (data/validated/)."""
-    from roadshift.stages.validate import run_validate
-
-    layout = Layout(root)
-    for domain in ("source", "target"):
-        layout.validated_manifest(domain).unlink(missing_ok=True)
-    summary = run_validate(params, root)
-    for domain in ("source", "target"):
-        destination = layout.validated_manifest(domain)
-        destination.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(layout.manifest(domain), destination)
-    return summary
-
-
-def _log_outcome(outcome) -> None:
-    import mlflow
-
-    metrics = getattr(outcome, "metrics", None)
-    if metrics:
-        mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
-    details = getattr(outcome, "details", None) or {}
-    chosen = {key: str(details[key]) for key in ("strategy", "strategy_reason") if key in details}
-    if chosen:
-        mlflow.set_tags({f"roadshift.finetune.{key}": value for key, value in chosen.items()})
-    for path in getattr(outcome, "artifacts", []) or []:
-        if Path(path).is_file():
-            mlflow.log_artifact(str(path))
-    if metrics:
-        width = max(len(k) for k in metrics)
-        for key, value in sorted(metrics.items()):
-            print(f"  {key:<{width}}  {value:.4f}")
-
-
 def command_stage(args: argparse.Namespace) -> int:
-    from roadshift.tracking import (
-        configure_tracking,
-        explain_tracking_outage,
-        resolve_tracking_uri,
-        stage_run,
-    )
-    from roadshift.train.distributed import (
-        TRAIN_PROCESSES_ENV,
-        is_main_process,
-        launched_by_torchrun,
-        requested_processes,
-        shutdown_distributed,
-        torchrun_command,
-    )
+    from roadshift.stages.runner import run_stage_command
 
     root = Path(args.root).resolve()
     params = load_params(root / args.params, args.set)
-    if args.name in DATA_PARALLEL_STAGES and not launched_by_torchrun():
-        processes = requested_processes()
-        if processes > 1:
-            print(f"{args.name}: {TRAIN_PROCESSES_ENV}={processes}: starting torchrun")
-            return subprocess.run(torchrun_command(processes, args.argv), check=False).returncode
-    if not is_main_process():
-        # a torchrun worker besides rank 0: it trains its shard; rank 0 tracks and writes
-        try:
-            _run_stage_function(args.name, params, root)
-        finally:
-            shutdown_distributed()
-        return 0
-    tracking_uri = resolve_tracking_uri(params.tracking, root)
-    try:
-        with explain_tracking_outage(tracking_uri, f"running stage {args.name}"):
-            configure_tracking(params, root)
-            with stage_run(args.name, params, root):
-                outcome = _run_stage_function(args.name, params, root)
-                _log_outcome(outcome)
-    finally:
-        shutdown_distributed()
-    return 0
+    return run_stage_command(args.name, params, root, args.argv)
 
 
 def command_run(args: argparse.Namespace) -> int:
@@ -312,27 +208,6 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _registry_store(params: Params, root: Path) -> str:
-    """Point MLflow at the project's store as the stage commands do; return the registry URI.
-
-    A local SQLite store that does not exist is an error here, not a new empty store.
-    """
-    import mlflow
-
-    from roadshift.registry.promotion import PromotionError
-    from roadshift.tracking import configure_tracking, resolve_tracking_uri
-
-    uri = resolve_tracking_uri(params.tracking, root)
-    prefix = "sqlite:///"
-    if uri.startswith(prefix) and not Path(uri[len(prefix) :].split("?")[0]).is_file():
-        raise PromotionError(
-            f"no MLflow store at {uri[len(prefix) :]}: nothing is registered yet "
-            "(run the pipeline first, or set tracking.tracking_uri / MLFLOW_TRACKING_URI)"
-        )
-    configure_tracking(params, root)
-    return mlflow.get_registry_uri()
-
-
 def _registry_serialised(model_name: str, store_uri: str):
     """A local store's promotion file lock is taken inside the move itself; against a remote
     tracking server also hold the flow's Prefect concurrency slot, so the CLI waits for a
@@ -354,10 +229,11 @@ def command_promote(args: argparse.Namespace) -> int:
 
     from roadshift.registry.promotion import current_user, promote_version
     from roadshift.stages.register import current_test_split
+    from roadshift.tracking import configure_existing_store
 
     root = Path(args.root).resolve()
     params = load_params(root / args.params)
-    store_uri = _registry_store(params, root)
+    store_uri = configure_existing_store(params, root)
     name = params.register.model_name
     with _registry_serialised(name, store_uri):
         outcome = promote_version(
@@ -395,10 +271,11 @@ def command_rollback(args: argparse.Namespace) -> int:
     from mlflow import MlflowClient
 
     from roadshift.registry.promotion import current_user, rollback
+    from roadshift.tracking import configure_existing_store
 
     root = Path(args.root).resolve()
     params = load_params(root / args.params)
-    store_uri = _registry_store(params, root)
+    store_uri = configure_existing_store(params, root)
     name = params.register.model_name
     with _registry_serialised(name, store_uri):
         outcome = rollback(

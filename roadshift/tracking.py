@@ -236,3 +236,35 @@ class MetricLogger:
         if run is None:
             raise RuntimeError("MetricLogger: no active MLflow run; call it inside stage_run()")
         mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+
+
+def log_stage_outcome(outcome: Any) -> None:
+    """Log what a stage produced to the active run: its metrics, its chosen fine-tuning
+    strategy and reason as tags, and every file it listed as an artifact."""
+    metrics = getattr(outcome, "metrics", None)
+    if metrics:
+        mlflow.log_metrics({key: float(value) for key, value in metrics.items()})
+    details = getattr(outcome, "details", None) or {}
+    chosen = {key: str(details[key]) for key in ("strategy", "strategy_reason") if key in details}
+    if chosen:
+        mlflow.set_tags({f"roadshift.finetune.{key}": value for key, value in chosen.items()})
+    for path in getattr(outcome, "artifacts", None) or []:
+        if Path(path).is_file():
+            mlflow.log_artifact(str(path))
+
+
+def configure_existing_store(params: Params, root: Path) -> str:
+    """Point MLflow at the project's store as the stage commands do; return the registry URI.
+
+    For commands that read what the pipeline registered: a local SQLite store that does not
+    exist is an error here, never a new empty store.
+    """
+    uri = resolve_tracking_uri(params.tracking, root)
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not Path(uri[len(prefix) :].split("?")[0]).is_file():
+        raise TrackingUnavailableError(
+            f"no MLflow store at {uri[len(prefix) :]}: nothing is registered yet "
+            "(run the pipeline first, or set tracking.tracking_uri / MLFLOW_TRACKING_URI)"
+        )
+    configure_tracking(params, root)
+    return mlflow.get_registry_uri()

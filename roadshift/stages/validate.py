@@ -13,6 +13,7 @@ per-class rules need a per-class row to name the class that breaks them.
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -575,7 +576,10 @@ def _stable(value: Any) -> Any:
 
 
 def run_validate(params: Params, root: Path) -> ValidationSummary:
+    """Check both manifests; only data that passed reaches training (``data/validated/``)."""
     layout = Layout(root)
+    for domain in DOMAINS:
+        layout.validated_manifest(domain).unlink(missing_ok=True)
     manifests = {d: read_manifest(layout.manifest(d), strict=False) for d in DOMAINS}
     labels = sorted(set().union(*(_labels(m) for m in manifests.values())))
     runner = _GxRunner()
@@ -604,6 +608,10 @@ def run_validate(params: Params, root: Path) -> ValidationSummary:
     artifacts.append(write_json(layout.metrics("validate"), metrics))
     if failures:
         raise DataValidationError(failures, layout.validation_dir)
+    for domain in DOMAINS:
+        destination = layout.validated_manifest(domain)
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(layout.manifest(domain), destination)
     return ValidationSummary(success, images, classes, artifacts)
 
 
