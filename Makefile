@@ -15,7 +15,7 @@ export PREFECT_HOME ?= $(CURDIR)/.prefect
 # DVC runs each stage as `roadshift stage <name>`: it must find the venv's tools.
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: setup data run test bench lint format lock mlflow-ui prefect-ui
+.PHONY: setup data run test test-fast bench lint format lock mlflow-ui prefect-ui
 
 setup: $(STAMP)
 
@@ -43,12 +43,17 @@ prefect-ui: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest
 
+# The unit tier: everything but the slow tests (Prefect flows, dvc repro, real training,
+# servers); a few minutes at most. `make test` runs both tiers.
+test-fast: $(STAMP)
+	$(PY) -m pytest -m "not slow"
+
 # Every benchmark in bench/, one after another; writes bench/RESULTS.md (about 10 minutes here).
 bench: $(STAMP)
 	$(PY) bench/run_all.py
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check . && $(VENV)/bin/lint-imports
 
 format: $(STAMP)
 	$(VENV)/bin/ruff format . && $(VENV)/bin/ruff check --fix .

@@ -44,7 +44,7 @@ import torch
 
 from roadshift.config import Params, RegisterSection, load_params, parse_params
 from roadshift.data.synth import CLASSES, image_rng, render_sign_image
-from roadshift.registry.pyfunc import register_model_dir
+from roadshift.registry.register import register_model_dir
 from roadshift.tracking import configure_tracking
 from roadshift.train.models import load_model_dir, save_model_dir
 from roadshift.train.recipe import new_model, new_model_spec

@@ -49,7 +49,7 @@ def compare_with_champion(
 ) -> RetrainDecision:
     from mlflow import MlflowClient
 
-    from roadshift.registry.pyfunc import champion_version
+    from roadshift.registry.aliases import champion_version
     from roadshift.tracking import configure_tracking
 
     configure_tracking(params, root)

@@ -32,7 +32,7 @@ STAGES = ("prepare", "validate", "pretrain", "finetune", "scratch", "evaluate", 
 def _expected_errors() -> tuple[type[BaseException], ...]:
     """Errors that mean bad input, shown as one clear message instead of a traceback."""
     from roadshift.data.manifest import CorruptImageError
-    from roadshift.registry.promotion import PromotionError
+    from roadshift.registry.lock import PromotionError
     from roadshift.registry.reproduce import ReproductionError
     from roadshift.stages.finetune import LabelSetMismatchError
     from roadshift.stages.validate import DataValidationError
@@ -214,7 +214,7 @@ def _registry_serialised(model_name: str, store_uri: str):
     registering flow run (and degrades, with a warning, where that limit does not exist)."""
     from contextlib import nullcontext
 
-    from roadshift.registry.promotion import lock_path
+    from roadshift.registry.lock import lock_path
 
     if lock_path(store_uri, model_name) is not None:
         return nullcontext("file lock")
@@ -227,7 +227,7 @@ def command_promote(args: argparse.Namespace) -> int:
     """Exit 0 promoted (or already champion), 1 refused by the gates, 2 bad request."""
     from mlflow import MlflowClient
 
-    from roadshift.registry.promotion import current_user, promote_version
+    from roadshift.registry.aliases import current_user, promote_version
     from roadshift.stages.register import current_test_split
     from roadshift.tracking import configure_existing_store
 
@@ -270,7 +270,7 @@ def command_promote(args: argparse.Namespace) -> int:
 def command_rollback(args: argparse.Namespace) -> int:
     from mlflow import MlflowClient
 
-    from roadshift.registry.promotion import current_user, rollback
+    from roadshift.registry.aliases import current_user, rollback
     from roadshift.tracking import configure_existing_store
 
     root = Path(args.root).resolve()

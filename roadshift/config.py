@@ -36,7 +36,7 @@ class BaseSection(_Section):
     num_threads: int = Field(
         0,
         ge=0,
-        description="torch intra-op threads; 0 = all cores (finetune and scratch: half each)",
+        description="torch intra-op threads; 0 = one per CPU this process may use",
     )
     deterministic: bool = True
     progress_bars: bool | Literal["auto"] = Field(

@@ -24,7 +24,7 @@ from pathlib import Path
 from prefect import task
 
 from roadshift.config import Params
-from roadshift.registry.promotion import lock_path, registry_limit_name
+from roadshift.registry.lock import lock_path, registry_limit_name
 from roadshift.stages.register import run_register
 
 SLOT_TIMEOUT_S = 1800.0  # a registration scores the champion and logs a model: minutes at most
@@ -37,7 +37,7 @@ def _logger() -> logging.Logger | logging.LoggerAdapter:
     try:
         return get_run_logger()
     except MissingContextError:
-        return logging.getLogger("roadshift.registry.pyfunc")
+        return logging.getLogger("roadshift.registry.register")
 
 
 def _limit_state(name: str) -> tuple[str, str]:

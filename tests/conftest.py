@@ -1,90 +1,63 @@
-"""Shared fixtures: offline settings, tiny configs and throwaway git+DVC project copies."""
+"""Fixtures only: the offline environment, tiny configs and a Prefect server for flow tests.
+
+Helpers (tiny params, throwaway git+DVC projects, toy data) live in tests/helpers.py.
+"""
 
 from __future__ import annotations
 
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
-from pathlib import Path
+from collections.abc import Iterator
 
 import pytest
 import yaml
 
 from roadshift.cli import OFFLINE_ENV
+from tests.helpers import TINY_PARAMS
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
-
-for key, value in {**OFFLINE_ENV, "PREFECT_SERVER_EPHEMERAL_ENABLED": "true"}.items():
-    os.environ[key] = value
-os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="roadshift-prefect-home-"))
-os.environ.pop("MLFLOW_TRACKING_URI", None)
-os.environ.pop("ROADSHIFT_PARENT_RUN_ID", None)
-
-# What a project checkout needs for `dvc repro`: the pipeline definition and the
-# stage sources that dvc.yaml lists as dependencies.
-PROJECT_FILES = ("dvc.yaml", ".dvcignore", ".gitignore", ".dvc/config", ".dvc/.gitignore")
-PROJECT_DIRS = ("roadshift",)
-
-TINY_PARAMS = {
-    "base": {"seed": 7, "image_size": 32, "num_threads": 1},
-    "synth": {
-        "source_per_class": 10,
-        "target_train_per_class": 4,
-        "target_val_per_class": 2,
-        "target_test_per_class": 3,
-        "image_size": 32,
-    },
-    "validate": {"min_images_per_class": 2},
-    "pretrain": {"epochs": 2, "batch_size": 16, "lr": 0.003},
-    "finetune": {"epochs": 2, "batch_size": 16, "lr": 0.002},
-    "evaluate": {"batch_size": 64},
-    "register": {"model_name": "tiny-road-signs"},
-}
+_ENVIRONMENT = pytest.StashKey[pytest.MonkeyPatch]()
+_PREFECT_HOME = pytest.StashKey[str]()
 
 
-def git(root: Path, *args: str) -> str:
-    return subprocess.run(
-        ["git", *args], cwd=root, check=True, capture_output=True, text=True
-    ).stdout.strip()
+def pytest_configure(config: pytest.Config) -> None:
+    """Offline settings, and a throwaway PREFECT_HOME, for the whole run; undone at its end.
+
+    A hook, not a fixture, because some of these are read when a library is *imported*, and
+    test modules import libraries while pytest collects them, before any fixture runs:
+    albumentations (imported by roadshift.data.transforms) checks PyPI for updates at import
+    unless NO_ALBUMENTATIONS_UPDATE is set, and ``prefect.context`` builds its global
+    settings (PREFECT_HOME with its profiles and result storage, the ephemeral server) from
+    the environment the first time it is imported, e.g. by a test module importing flows/.
+    Subprocesses get this environment through ``tests.helpers.venv_environment()``.
+    """
+    patch = pytest.MonkeyPatch()
+    config.stash[_ENVIRONMENT] = patch
+    for key, value in {**OFFLINE_ENV, "PREFECT_SERVER_EPHEMERAL_ENABLED": "true"}.items():
+        patch.setenv(key, value)
+    if "PREFECT_HOME" not in os.environ:
+        home = tempfile.mkdtemp(prefix="roadshift-prefect-home-")
+        config.stash[_PREFECT_HOME] = home
+        patch.setenv("PREFECT_HOME", home)
 
 
-def venv_environment() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
-    return env
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if _ENVIRONMENT in config.stash:
+        config.stash[_ENVIRONMENT].undo()
+    if _PREFECT_HOME in config.stash:
+        shutil.rmtree(config.stash[_PREFECT_HOME], ignore_errors=True)
 
 
-def make_project(root: Path, params: dict) -> Path:
-    """A fresh git repo holding the pipeline definition, tiny params and tiny synthetic data."""
-    from roadshift.config import params_to_dict, parse_params
-    from roadshift.data.synth import synthesize_dataset
+@pytest.fixture(scope="session", autouse=True)
+def no_outer_tracking() -> Iterator[None]:
+    """No MLflow store or parent run leaks in from the shell: each test picks its own.
 
-    root.mkdir(parents=True, exist_ok=True)
-    for name in PROJECT_FILES:
-        (root / name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(PROJECT_ROOT / name, root / name)
-    for name in PROJECT_DIRS:
-        shutil.copytree(
-            PROJECT_ROOT / name, root / name, ignore=shutil.ignore_patterns("__pycache__")
-        )
-    parsed = parse_params(params)
-    # DVC reads each stage's params sections from the file itself: write them all out.
-    (root / "params.yaml").write_text(yaml.safe_dump(params_to_dict(parsed), sort_keys=False))
-    synthesize_dataset(root / "data" / "raw", parsed.synth, seed=parsed.base.seed)
-    return commit_everything(root, "tiny project")
-
-
-def commit_everything(root: Path, message: str) -> Path:
-    """Make ``root`` a git repository if it is not one, and commit all of it."""
-    if not (root / ".git").exists():
-        git(root, "init", "-q", "-b", "main")
-        git(root, "config", "user.name", "roadshift tests")
-        git(root, "config", "user.email", "tests@roadshift.invalid")
-    git(root, "add", "-A")
-    git(root, "commit", "-q", "-m", message)
-    return root
+    Both are read only when a test configures tracking, so a fixture is early enough.
+    """
+    with pytest.MonkeyPatch.context() as patch:
+        patch.delenv("MLFLOW_TRACKING_URI", raising=False)
+        patch.delenv("ROADSHIFT_PARENT_RUN_ID", raising=False)
+        yield
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ import torch
 from roadshift.config import BaseSection
 from roadshift.train.distributed import current_group, shutdown_distributed
 from roadshift.train.loop import FitOptions, configure_runtime, fit
-from tests.test_training import Blobs, loaders, tiny_net
+from tests.helpers import Blobs, loaders, tiny_net
 
 
 def main(out_dir: Path) -> None:

@@ -10,7 +10,7 @@ import pytest
 from roadshift.cli import main
 from roadshift.data.dvc_repo import dvc_data_version
 from roadshift.data.versioning import UnknownClassError, plan_copies
-from tests.conftest import make_project
+from tests.helpers import make_project
 
 
 def _incoming_batch(folder: Path, classes: dict[str, int], donor: Path) -> Path:

@@ -8,7 +8,7 @@ import pytest
 
 from roadshift.cli import main
 from roadshift.data.dvc_repo import open_repo
-from tests.conftest import commit_everything, git, make_project
+from tests.helpers import commit_everything, git, make_project
 
 
 @pytest.fixture

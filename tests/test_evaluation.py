@@ -180,6 +180,7 @@ def test_prefect_markdown_points_the_report_figures_at_the_files_on_disk(tmp_pat
     assert "file:///store/run/evaluation/" in markdown and "(run abc)" in markdown
 
 
+@pytest.mark.slow
 @pytest.mark.integration
 def test_the_flow_task_publishes_the_report_to_prefect_and_the_mlflow_parent_run(
     tmp_path, prefect_server

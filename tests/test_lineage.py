@@ -16,7 +16,7 @@ from roadshift.registry.lineage import (
     params_hash,
     sha256_file,
 )
-from tests.conftest import commit_everything, git
+from tests.helpers import commit_everything, git
 
 SOURCE_MD5 = "0123456789abcdef0123456789abcdef.dir"
 TARGET_MD5 = "fedcba9876543210fedcba9876543210.dir"

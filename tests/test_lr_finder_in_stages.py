@@ -7,7 +7,7 @@ import torch
 from roadshift.config import PretrainSection
 from roadshift.train.loaders import make_loader
 from roadshift.train.recipe import tune_learning_rate
-from tests.test_training import Blobs, loaders, tiny_net
+from tests.helpers import Blobs, loaders, tiny_net
 
 CPU = torch.device("cpu")
 

@@ -11,7 +11,7 @@ import yaml
 from roadshift.cli import main
 from roadshift.config import ConfigError, parse_params
 from roadshift.data.dvc_repo import domain_folders
-from tests.conftest import git, make_project
+from tests.helpers import git, make_project
 
 
 def test_a_data_folder_outside_the_project_is_refused_naming_the_key(tmp_path, tiny_params):
@@ -29,6 +29,7 @@ def test_a_missing_data_folder_is_named(tmp_path, tiny_params, capsys):
     assert "data.source.path: folder" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 @pytest.mark.integration
 def test_the_pipeline_trains_on_a_target_tree_at_a_path_of_the_users_choosing(
     tmp_path, tiny_params, prefect_server

@@ -11,9 +11,9 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from tests.conftest import TINY_PARAMS, make_project, venv_environment
+from tests.helpers import TINY_PARAMS, make_project, venv_environment
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
 
 @pytest.fixture(scope="module")

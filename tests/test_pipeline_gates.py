@@ -11,9 +11,9 @@ import pytest
 from mlflow import MlflowClient
 
 from roadshift.cli import main
-from tests.conftest import TINY_PARAMS, make_project
+from tests.helpers import TINY_PARAMS, make_project
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
 MODEL = TINY_PARAMS["register"]["model_name"]
 

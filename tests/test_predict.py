@@ -3,7 +3,6 @@ CLI run in a fresh process that gets the model (and its preprocessing) only from
 
 from __future__ import annotations
 
-import io
 import json
 import subprocess
 import sys
@@ -13,14 +12,12 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 import yaml
 from PIL import Image
 
-from roadshift.config import RegisterSection, parse_params
 from roadshift.data.dataset import load_rgb
-from roadshift.data.transforms import create_eval_transform
-from roadshift.registry.pyfunc import CHAMPION, load_champion, register_model_dir
+from roadshift.registry.register import load_champion
+from roadshift.registry.tags import CHAMPION
 from roadshift.serve.predict import (
     CHAMPION_ALIAS,
     PredictError,
@@ -29,62 +26,18 @@ from roadshift.serve.predict import (
     find_images,
     output_format,
 )
-from roadshift.tracking import configure_tracking
-from roadshift.train.models import ModelSpec, create_model, save_model_dir
-from tests.conftest import venv_environment
+from tests.helpers import CLASSES, png_bytes, register_champion, venv_environment
 
-CLASSES = ("stop", "give_way", "no_entry")
 NAME = "predict-road-signs"
 COLUMNS = ["path", "label", "confidence", *(f"prob_{c}" for c in CLASSES)]
 # Found by scanning "signs" (sorted), then the file named on the command line.
 PREDICTED = ["signs/a/deep/grey.png", "signs/a/red.png", "signs/b/wide.jpg", "loose.png"]
 
 
-def make_model_dir(path: Path, seed: int = 0) -> Path:
-    """A tiny model whose output depends on the image, so mixed-up rows would show.
-
-    mobilenet_v3_small fresh from random init gives every image the same probabilities (its
-    BatchNorm statistics fit no input); statistics taken from one batch of noise fix that.
-    """
-    torch.manual_seed(seed)
-    model = create_model("mobilenet_v3_small", len(CLASSES))
-    spec = ModelSpec("mobilenet_v3_small", CLASSES, image_size=32)
-    transform = create_eval_transform(spec.image_size, spec.mean, spec.std)
-    noise = np.random.default_rng(seed).integers(0, 256, size=(16, 32, 32, 3), dtype=np.uint8)
-    for module in model.modules():
-        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
-            module.reset_running_stats()
-            module.momentum = None  # a plain average over the calibration batch
-    model.train()
-    with torch.no_grad():
-        model(torch.stack([transform(image=image)["image"] for image in noise]))
-    return save_model_dir(model.eval(), spec, path)
-
-
-def register_champion(root: Path, name: str) -> str:
-    """Point MLflow at a SQLite store under ``root``, register a tiny champion; its URI."""
-    configure_tracking(parse_params({"tracking": {"experiment": "predict-tests"}}), root)
-    with mlflow.start_run(run_name="register"):
-        result = register_model_dir(
-            make_model_dir(root / "models" / "tiny"),
-            {"target_macro_f1": 0.6},
-            {},
-            RegisterSection(model_name=name),
-        )
-    assert CHAMPION in result.aliases
-    return mlflow.get_tracking_uri()
-
-
 def _save(image: Image.Image, path: Path, **options) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     image.save(path, **options)
     return path
-
-
-def png_bytes(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def write_images(root: Path) -> None:
@@ -120,7 +73,7 @@ DRIVER = r"""
 import contextlib, io, json, sys, traceback
 
 FORBIDDEN = ("torch", "torchvision", "albumentations", "roadshift.train.models",
-             "roadshift.registry.pyfunc",
+             "roadshift.registry.pyfunc", "roadshift.registry.register",
              "roadshift.data.transforms", "roadshift.train.loop", "roadshift.stages",
              "roadshift.transfer")
 outside_pyfunc = set()
@@ -214,12 +167,14 @@ def _run(cli: dict, key: str) -> dict:
     return run
 
 
+@pytest.mark.slow
 def test_the_cli_never_imports_model_or_training_code_itself(cli):
     assert cli["outside_pyfunc"] == []
     # ...and the registered model did load its own preprocessing to predict.
     assert "roadshift.data.transforms" in cli["loaded"]
 
 
+@pytest.mark.slow
 def test_csv_has_a_row_per_image_with_class_labels_and_probabilities_summing_to_one(workdir, cli):
     assert _run(cli, "csv")["rc"] == 0
     frame = pd.read_csv(workdir / "out/preds.csv")
@@ -234,6 +189,7 @@ def test_csv_has_a_row_per_image_with_class_labels_and_probabilities_summing_to_
     assert len({tuple(row.round(6)) for row in probabilities}) == len(frame)  # input-dependent
 
 
+@pytest.mark.slow
 def test_predictions_are_the_champions_on_each_decoded_image(workdir, store, cli):
     """Batches of two with mixed sizes give what one image at a time gives, row by row
     (to float32 rounding: a batch of another size takes other CPU kernels)."""
@@ -247,6 +203,7 @@ def test_predictions_are_the_champions_on_each_decoded_image(workdir, store, cli
         )
 
 
+@pytest.mark.slow
 def test_json_holds_the_same_rows_as_csv_and_a_file_named_twice_once(workdir, cli):
     run = _run(cli, "json")
     assert run["rc"] == 0
@@ -260,6 +217,7 @@ def test_json_holds_the_same_rows_as_csv_and_a_file_named_twice_once(workdir, cl
     )
 
 
+@pytest.mark.slow
 def test_without_out_a_table_goes_to_stdout(cli):
     run = _run(cli, "table")
     assert run["rc"] == 0
@@ -269,6 +227,7 @@ def test_without_out_a_table_goes_to_stdout(cli):
     assert row.split()[1] in CLASSES
 
 
+@pytest.mark.slow
 def test_a_corrupt_image_stops_the_run_naming_the_file(cli):
     run = _run(cli, "corrupt")
     assert run["rc"] == 2
@@ -277,6 +236,7 @@ def test_a_corrupt_image_stops_the_run_naming_the_file(cli):
     assert run["stdout"] == ""
 
 
+@pytest.mark.slow
 def test_skip_bad_predicts_the_rest_and_lists_what_it_skipped(workdir, cli):
     run = _run(cli, "skip")
     assert run["rc"] == 0
@@ -285,6 +245,7 @@ def test_skip_bad_predicts_the_rest_and_lists_what_it_skipped(workdir, cli):
     assert list(pd.read_csv(workdir / "out/skip.csv")["path"]) == ["bad/ok.png"]
 
 
+@pytest.mark.slow
 def test_no_champion_says_to_run_the_pipeline_or_pass_a_model(cli):
     run = _run(cli, "no_champion")
     assert run["rc"] == 2
@@ -293,12 +254,14 @@ def test_no_champion_says_to_run_the_pipeline_or_pass_a_model(cli):
     assert "--model" in run["stderr"]
 
 
+@pytest.mark.slow
 def test_an_explicit_model_uri_is_used(cli):
     run = _run(cli, "explicit_model")
     assert run["rc"] == 0
     assert _run(cli, "table")["stdout"] == run["stdout"]  # version 1 is the champion
 
 
+@pytest.mark.slow
 def test_an_unknown_output_suffix_is_refused_before_loading_the_model(cli):
     run = _run(cli, "bad_suffix")
     assert run["rc"] == 2

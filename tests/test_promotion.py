@@ -18,16 +18,10 @@ from mlflow import MlflowClient
 
 from roadshift.cli import main
 from roadshift.config import Params, PrepareSection, RegisterSection, load_params, parse_params
-from roadshift.registry.promotion import (
-    CHAMPION,
-    PREVIOUS_CHAMPION,
-    Scores,
-    check_gates,
-    forced_decision,
-    lock_path,
-    registry_limit_name,
-)
-from roadshift.registry.pyfunc import RegistrationResult, register_model_dir
+from roadshift.registry.gates import Scores, check_gates, forced_decision
+from roadshift.registry.lock import lock_path, registry_limit_name
+from roadshift.registry.register import RegistrationResult, register_model_dir
+from roadshift.registry.tags import CHAMPION, PREVIOUS_CHAMPION
 from roadshift.tracking import configure_tracking
 from roadshift.train.models import ModelSpec, create_model, save_model_dir
 
@@ -473,6 +467,7 @@ def _race_worker(store: str, jobs: list[tuple[str, str, float]], barrier) -> Non
             )
 
 
+@pytest.mark.slow
 def test_two_processes_promoting_at_once_leave_one_consistent_champion(project):
     rounds = 4
     names = [f"race-{k}" for k in range(rounds)]
@@ -530,6 +525,7 @@ def test_two_processes_promoting_at_once_leave_one_consistent_champion(project):
 # --------------------------------------------------------------------------- Prefect's limit
 
 
+@pytest.mark.slow
 @pytest.mark.integration
 def test_the_flows_registry_slot_holds_the_prefect_limit_and_runs_on_without_it(prefect_server):
     from prefect import get_client

@@ -19,18 +19,13 @@ from sklearn.metrics import f1_score
 
 from roadshift.config import RegisterSection, parse_params
 from roadshift.data.transforms import create_eval_transform
+from roadshift.registry.aliases import champion_version
+from roadshift.registry.gates import decide_promotion
 from roadshift.registry.lineage import sha256_file
-from roadshift.registry.promotion import EvaluationSet
-from roadshift.registry.pyfunc import (
-    CHAMPION_GATE_METRIC,
-    DataSummary,
-    RegistrationResult,
-    champion_version,
-    decide_promotion,
-    load_champion,
-    register_model_dir,
-    render_model_card,
-)
+from roadshift.registry.model_card import DataSummary, render_model_card
+from roadshift.registry.register import RegistrationResult, load_champion, register_model_dir
+from roadshift.registry.scoring import EvaluationSet
+from roadshift.registry.tags import CHAMPION_GATE_METRIC
 from roadshift.tracking import configure_tracking
 from roadshift.train.models import ModelSpec, create_model, load_model_dir, save_model_dir
 

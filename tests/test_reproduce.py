@@ -13,9 +13,9 @@ from roadshift.cli import main
 from roadshift.config import load_params
 from roadshift.data.synth import add_target_batch
 from roadshift.registry.reproduce import REPRODUCES_TAG, ReproductionError, reproduce_registered
-from tests.conftest import TINY_PARAMS, commit_everything, git, make_project
+from tests.helpers import TINY_PARAMS, commit_everything, git, make_project
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
 
 @pytest.fixture(scope="module")

@@ -14,9 +14,9 @@ import torch
 
 from roadshift.cli import main
 from roadshift.layout import Layout
-from tests.conftest import PROJECT_ROOT, TINY_PARAMS, make_project, venv_environment
+from tests.helpers import PROJECT_ROOT, TINY_PARAMS, make_project, venv_environment
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
 # An epoch of the tiny data takes tens of milliseconds, so the kill below must land in a
 # window many epochs wide: with 6 epochs a busy machine let the whole run finish (and

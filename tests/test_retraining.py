@@ -15,7 +15,7 @@ from mlflow import MlflowClient
 from roadshift.config import load_params
 from roadshift.data.synth import add_target_batch
 from roadshift.registry.retraining import retrain_decision
-from tests.conftest import TINY_PARAMS, make_project
+from tests.helpers import TINY_PARAMS, make_project
 
 CHAMPION_TAGS = {
     "data.source.version": "s1.dir",
@@ -75,6 +75,7 @@ def webhook_block(prefect_server):
     server.shutdown()
 
 
+@pytest.mark.slow
 @pytest.mark.integration
 def test_three_scheduled_runs_train_then_skip_then_fine_tune_the_new_batch(
     tmp_path, prefect_server, webhook_block

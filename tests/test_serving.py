@@ -22,11 +22,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from roadshift.registry.pyfunc import load_champion
-from tests.conftest import PROJECT_ROOT, venv_environment
-from tests.test_predict import CLASSES, png_bytes, register_champion
+from roadshift.registry.register import load_champion
+from tests.helpers import CLASSES, PROJECT_ROOT, png_bytes, register_champion, venv_environment
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
 NAME = "serve-road-signs"
 # Model download, uvicorn start and the pyfunc's imports (torch, albumentations) on a busy
@@ -170,9 +169,9 @@ def test_the_readme_curl_command_gets_the_same_answer(server, signs, tmp_path):
     assert json.loads(done.stdout) == post(server, payload(png_bytes(signs[0])))
 
 
-def test_the_readme_documents_that_command():
-    readme = (PROJECT_ROOT / "README.md").read_text()
-    assert CURL_COMMAND.format(port=README_PORT) in readme
+def test_the_serving_guide_documents_that_command():
+    guide = (PROJECT_ROOT / "docs" / "serving.md").read_text()
+    assert CURL_COMMAND.format(port=README_PORT) in guide
 
 
 def test_bytes_that_are_not_an_image_get_a_400_naming_the_row(server):

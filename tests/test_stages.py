@@ -14,13 +14,16 @@ from roadshift.cli import main
 from roadshift.config import parse_params
 from roadshift.layout import Layout
 from roadshift.train.models import load_model_dir
-from tests.conftest import make_project
+from tests.helpers import make_project
 
 
 @pytest.fixture(scope="module")
 def trained_project(tmp_path_factory):
-    """A tiny project taken through every stage up to evaluation, once for this module."""
-    from tests.conftest import TINY_PARAMS
+    """A tiny project taken through every stage up to evaluation, once for this module.
+
+    Real training: every test that uses it is marked slow.
+    """
+    from tests.helpers import TINY_PARAMS
 
     root = make_project(tmp_path_factory.mktemp("stages"), TINY_PARAMS)
     for stage in ("prepare", "validate", "pretrain", "finetune", "scratch", "evaluate"):
@@ -28,6 +31,7 @@ def trained_project(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 def test_prepare_and_validate_hand_validated_manifests_to_training(trained_project):
     layout = Layout(trained_project)
     for domain in ("source", "target"):
@@ -37,6 +41,7 @@ def test_prepare_and_validate_hand_validated_manifests_to_training(trained_proje
     assert (layout.validation_dir / "summary.json").is_file()
 
 
+@pytest.mark.slow
 def test_pretrain_and_finetune_write_loadable_models_with_the_shared_label_set(trained_project):
     layout = Layout(trained_project)
     _, source_spec = load_model_dir(layout.model_dir("source"))
@@ -47,6 +52,7 @@ def test_pretrain_and_finetune_write_loadable_models_with_the_shared_label_set(t
     assert logits.shape == (1, 8)
 
 
+@pytest.mark.slow
 def test_evaluate_reports_the_fine_tuned_model_next_to_the_source_only_baseline(trained_project):
     metrics = json.loads(Layout(trained_project).metrics("evaluate").read_text())
     for key in (
@@ -79,6 +85,7 @@ def test_evaluate_reports_the_fine_tuned_model_next_to_the_source_only_baseline(
     assert 0 <= metrics["target_macro_f1_ci_low"] <= metrics["target_macro_f1_ci_high"] <= 1
 
 
+@pytest.mark.slow
 def test_scratch_baseline_is_the_same_architecture_trained_on_target_only(trained_project):
     layout = Layout(trained_project)
     _, scratch_spec = load_model_dir(layout.model_dir("scratch"))
@@ -107,6 +114,7 @@ def _declared_evaluate_outputs(root: Path) -> list[str]:
     return [next(iter(e)) if isinstance(e, dict) else e for e in entries]
 
 
+@pytest.mark.slow
 def test_evaluate_writes_every_declared_file_and_logs_them_to_its_mlflow_run(trained_project):
     from mlflow import MlflowClient
 
@@ -140,6 +148,7 @@ def test_evaluate_writes_every_declared_file_and_logs_them_to_its_mlflow_run(tra
     )
 
 
+@pytest.mark.slow
 def test_dvc_repro_reruns_evaluate_byte_identically_and_dvc_reads_metrics_and_plots(
     trained_project, tmp_path
 ):
@@ -147,7 +156,7 @@ def test_dvc_repro_reruns_evaluate_byte_identically_and_dvc_reads_metrics_and_pl
     and ``dvc metrics show`` / ``dvc plots show`` accept what it declares."""
     import subprocess
 
-    from tests.conftest import venv_environment
+    from tests.helpers import venv_environment
 
     root = tmp_path / "project"  # a copy: DVC writes dvc.lock and rewrites the outputs
     shutil.copytree(trained_project, root)
@@ -179,6 +188,7 @@ def test_dvc_repro_reruns_evaluate_byte_identically_and_dvc_reads_metrics_and_pl
         assert rows and all(field in row for row in rows), name
 
 
+@pytest.mark.slow
 def test_training_is_bitwise_repeatable_on_cpu(trained_project):
     layout = Layout(trained_project)
     before = (layout.model_dir("target") / "weights.safetensors").read_bytes()
@@ -186,6 +196,7 @@ def test_training_is_bitwise_repeatable_on_cpu(trained_project):
     assert (layout.model_dir("target") / "weights.safetensors").read_bytes() == before
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["auto", "feature_extraction"])
 def test_finetune_strategies_auto_and_feature_extraction(
     trained_project, tmp_path, strategy, capsys

@@ -25,7 +25,7 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from tests.conftest import PROJECT_ROOT, TINY_PARAMS, commit_everything, git, make_project
+from tests.helpers import PROJECT_ROOT, TINY_PARAMS, commit_everything, git, make_project
 from tests.team_stack import (
     Postgres,
     Service,
@@ -38,7 +38,7 @@ from tests.team_stack import (
     s3_endpoint,
 )
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(1200)]
+pytestmark = [pytest.mark.slow, pytest.mark.integration, pytest.mark.timeout(1200)]
 
 MODEL = "team-road-signs"
 ADMIN = "admin"

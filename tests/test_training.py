@@ -6,10 +6,9 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
-from torch.utils.data import Dataset
 
 from roadshift.train.checkpoints import Checkpointing
-from roadshift.train.loaders import EpochBatchSampler, make_loader
+from roadshift.train.loaders import EpochBatchSampler
 from roadshift.train.loop import (
     FitOptions,
     TrainingDivergedError,
@@ -18,40 +17,9 @@ from roadshift.train.loop import (
     fit,
     mix_batch,
 )
+from tests.helpers import loaders, tiny_net
 
 CPU = torch.device("cpu")
-
-
-class Blobs(Dataset):
-    """Two Gaussian blobs in 8-d: learnable in a few epochs by a tiny network."""
-
-    def __init__(self, n: int, seed: int, poison: bool = False) -> None:
-        generator = torch.Generator().manual_seed(seed)
-        self.targets = torch.arange(n) % 2
-        self.inputs = torch.randn(n, 8, generator=generator) + 2.0 * self.targets[:, None]
-        if poison:
-            self.inputs[3, 0] = float("nan")
-
-    def __len__(self) -> int:
-        return len(self.targets)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.inputs[i], self.targets[i]
-
-
-def tiny_net(seed: int = 0, batchnorm: bool = True) -> nn.Module:
-    torch.manual_seed(seed)
-    layers: list[nn.Module] = [nn.Linear(8, 16)]
-    if batchnorm:
-        layers.append(nn.BatchNorm1d(16))
-    layers += [nn.ReLU(), nn.Dropout(0.2), nn.Linear(16, 2)]
-    return nn.Sequential(*layers)
-
-
-def loaders(seed: int = 0, poison: bool = False):
-    train = make_loader(Blobs(64, 1, poison), 16, shuffle=True, seed=seed)
-    val = make_loader(Blobs(32, 2), 32, shuffle=False, seed=seed)
-    return train, val
 
 
 def train(options: FitOptions, **kwargs) -> tuple[nn.Module, object]:
@@ -238,12 +206,13 @@ def test_batches_depend_only_on_seed_and_epoch_and_are_sharded_across_ranks():
 
 
 def test_auto_workers_leave_a_small_cpu_only_machine_to_the_training_threads(monkeypatch):
+    from roadshift.train import loaders
     from roadshift.train.loaders import resolve_num_workers
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    monkeypatch.setattr(loaders, "usable_cpus", lambda: 2)
     assert resolve_num_workers("auto") == 0
-    monkeypatch.setattr("os.cpu_count", lambda: 32)
+    monkeypatch.setattr(loaders, "usable_cpus", lambda: 32)
     assert resolve_num_workers("auto") == 4
     assert resolve_num_workers(3) == 3
 

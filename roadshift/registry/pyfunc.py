@@ -1,13 +1,11 @@
-"""The MLflow model registry: a self-contained pyfunc model, its model card, and registration.
+"""The registered model: a self-contained MLflow pyfunc, and logging it.
 
 A registered version is a pyfunc whose artifact is the roadshift model folder
 and whose code is this package, so ``models:/<name>@champion`` loads and predicts
 from raw RGB images anywhere, with the same resize and normalisation as
 evaluation used (``create_eval_transform``): no train/serve skew.
 
-Registration logs the model, registers it as a new version (``challenger``), writes a
-model card beside it, and hands the champion decision to ``roadshift.registry.promotion``: gates
-against the champion as re-read under the promotion lock.
+Registering it as a version is ``roadshift.registry.register``.
 """
 
 from __future__ import annotations
@@ -16,8 +14,7 @@ import base64
 import binascii
 import io
 import os
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -25,62 +22,11 @@ from typing import Any
 import mlflow
 import numpy as np
 import pandas as pd
-from mlflow import MlflowClient
-from mlflow.entities.model_registry import ModelVersion
 from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, Schema
 
-from roadshift.config import RegisterSection
-from roadshift.registry.lineage import directory_digest, sha256_file
-from roadshift.registry.promotion import (
-    CHALLENGER,
-    CHAMPION,
-    CHAMPION_GATE_METRIC,
-    DECISION_TAG,
-    DEFAULT_LOCK_TIMEOUT_S,
-    GATE_METRIC,
-    LOW_RECALL,
-    METRIC_TAG_PREFIX,
-    PREVIOUS_CHAMPION,
-    REASON_TAG,
-    EvaluationSet,
-    GateResult,
-    PromotionDecision,
-    PromotionOutcome,
-    Scores,
-    VersionScorer,
-    champion_version,
-    current_user,
-    decide_promotion,
-    promote_under_lock,
-    promotion_lock,
-    recall_tags,
-    registered_model,
-    scores_from_metrics,
-)
 from roadshift.train.models import ModelSpec
 
-__all__ = [
-    "CHALLENGER",
-    "CHAMPION",
-    "CHAMPION_GATE_METRIC",
-    "GATE_METRIC",
-    "PREVIOUS_CHAMPION",
-    "DataSummary",
-    "PromotionDecision",
-    "RegistrationResult",
-    "RoadSignClassifier",
-    "champion_version",
-    "decide_promotion",
-    "load_champion",
-    "log_pyfunc_model",
-    "register_model_dir",
-    "render_model_card",
-]
-
-WEIGHTS_TAG = "weights.sha256"
-MODEL_DIR_TAG = "model_dir.sha256"
-MODEL_CARD_TAG = "model_card.uri"
 IMAGE_COLUMN = "image"
 LOGGED_MODEL_NAME = "model"
 _PREDICT_BATCH = 256
@@ -99,9 +45,6 @@ _SERVING_DISTRIBUTIONS = (
     "pydantic",
     "pyyaml",
 )
-
-
-# --------------------------------------------------------------------------- pyfunc
 
 
 class RoadSignClassifier(mlflow.pyfunc.PythonModel):
@@ -240,7 +183,8 @@ def serving_requirements() -> list[str]:
 
 
 def _package_dir() -> Path:
-    return Path(__file__).resolve().parent
+    """The roadshift package folder (this module sits in roadshift/registry/)."""
+    return Path(__file__).resolve().parents[1]
 
 
 def read_model_spec(model_dir: Path) -> ModelSpec:
@@ -268,373 +212,4 @@ def log_pyfunc_model(
         signature=model_signature(spec),
         input_example=example,
         pip_requirements=serving_requirements(),
-    )
-
-
-# --------------------------------------------------------------------------- model card
-
-
-@dataclass(frozen=True)
-class DataSummary:
-    """What the model card says about one domain's data, read from its validated manifest."""
-
-    domain: str
-    description: str
-    path: str
-    version: str  # the DVC md5 of the domain's folder
-    images_per_split: dict[str, int]
-    classes: tuple[str, ...]
-    synthetic: bool = False  # the embedded generated set, judged by its file names
-
-
-def _fmt(value: object) -> str:
-    return f"{value:.4f}" if isinstance(value, float) else str(value)
-
-
-def _data_section(data: Sequence[DataSummary]) -> list[str]:
-    if not data:
-        return ["No manifests were available when this version was registered."]
-    known = ("train", "val", "test")
-    present = {s for d in data for s in d.images_per_split}
-    splits = [s for s in known if s in present] + sorted(present - set(known))
-    lines = [
-        "| domain | description | data version (DVC md5) | "
-        + " | ".join(f"{s} images" for s in splits)
-        + " | classes |",
-        "|---|---|---|" + "---|" * len(splits) + "---|",
-    ]
-    for d in data:
-        counts = " | ".join(str(d.images_per_split.get(s, 0)) for s in splits)
-        lines.append(
-            f"| {d.domain} | {d.description} | `{d.version}` | {counts} | {len(d.classes)} |"
-        )
-    lines.append("")
-    lines.append(f"Classes: {', '.join(data[0].classes)}.")
-    return lines
-
-
-def _per_class_section(per_class: Mapping[str, Mapping[str, float]]) -> list[str]:
-    lines = ["| class | precision | recall | f1 | support |", "|---|---|---|---|---|"]
-    for name, row in sorted(per_class.items()):
-        lines.append(
-            f"| {name} | {row.get('precision', float('nan')):.3f} | "
-            f"{row.get('recall', float('nan')):.3f} | {row.get('f1', float('nan')):.3f} | "
-            f"{int(row.get('support', 0))} |"
-        )
-    return lines
-
-
-def _limits(
-    metrics: Mapping[str, float],
-    per_class: Mapping[str, Mapping[str, float]],
-    data: Sequence[DataSummary],
-) -> list[str]:
-    limits = []
-    synthetic = [d.domain for d in data if d.synthetic]
-    if synthetic:
-        limits.append(
-            f"- **Synthetic data** ({', '.join(synthetic)}): the images are generated "
-            "(`roadshift data synth`); the figures measure the synthetic task and say nothing "
-            "about photographs of real roads."
-        )
-    if "domain_gap_accuracy" in metrics:
-        limits.append(
-            "- **Domain gap**: the source-only model loses "
-            f"{metrics['domain_gap_accuracy']:.3f} accuracy from the source to the target test "
-            f"split; this model's target accuracy is {_fmt(metrics.get('target_accuracy', '?'))}. "
-            "Signs, scenes or cameras unlike the target data will widen the gap again."
-        )
-    low = sorted(
-        (row["recall"], name)
-        for name, row in per_class.items()
-        if row.get("recall", 1) < LOW_RECALL
-    )
-    if low:
-        limits.append(
-            f"- **Classes with low recall** (below {LOW_RECALL}): "
-            + ", ".join(f"{name} {recall:.2f}" for recall, name in low)
-            + ". Expect these signs to be missed often."
-        )
-    elif per_class:
-        limits.append(f"- No class's recall is below {LOW_RECALL} on the target test split.")
-    supports = [int(row.get("support", 0)) for row in per_class.values()]
-    if supports and min(supports) < 30:
-        limits.append(
-            f"- **Small test split**: as few as {min(supports)} test images per class; one image "
-            f"moves that class's recall by {1 / max(min(supports), 1):.2f}."
-        )
-    target = next((d for d in data if d.domain == "target"), None)
-    if target is not None and target.classes:
-        per_class_train = target.images_per_split.get("train", 0) / len(target.classes)
-        limits.append(
-            f"- **Few target labels**: about {per_class_train:.0f} target training images per "
-            "class."
-        )
-    return limits or ["- None recorded."]
-
-
-def render_model_card(
-    name: str,
-    version: str,
-    metrics: Mapping[str, float],
-    per_class: Mapping[str, Mapping[str, float]] | None,
-    tags: Mapping[str, str],
-    data: Sequence[DataSummary],
-    cfg: RegisterSection,
-    decision: PromotionDecision | None = None,
-    class_names: Sequence[str] = (),
-) -> str:
-    """The model card as Markdown: what the model is for, what it was made from, how well it
-    does and where it fails. Pure, so it is tested without a registry."""
-    per_class = per_class or {}
-    classes = list(class_names) or (list(data[0].classes) if data else sorted(per_class))
-    target = next((d for d in data if d.domain == "target"), None)
-    where = target.description if target else "the target domain"
-    lines = [
-        f"# Model card: {name} version {version}",
-        "",
-        "## Intended use",
-        "",
-        f"Classify one cropped road-sign image from {where} into one of {len(classes)} classes "
-        f"({', '.join(classes)}). Input: raw RGB uint8 images shaped (N, H, W, 3), any size, "
-        "or PNG/JPEG bytes in an `image` column; the model resizes and normalises them itself. "
-        "Output: a `label` and one `prob_<class>` column per class.",
-        "",
-        "Not for: finding signs in whole scenes (it expects a crop), signs outside these "
-        "classes (it will still name one of them), or any safety-critical decision.",
-        "",
-        "## Data",
-        "",
-        *_data_section(data),
-        "",
-        "## Metrics (target test split)",
-        "",
-        f"Gate metric `{GATE_METRIC}`: **{_fmt(metrics.get(GATE_METRIC, 'missing'))}**. "
-        f"Promotion gates: floor `register.min_macro_f1={cfg.min_macro_f1}`, margin over the "
-        f"champion `register.min_improvement={cfg.min_improvement}`, no class's recall falling "
-        f"by more than `register.max_class_recall_drop={cfg.max_class_recall_drop}`.",
-        "",
-        "| metric | value |",
-        "|---|---|",
-        *(f"| {key} | {_fmt(float(value))} |" for key, value in sorted(metrics.items())),
-        "",
-    ]
-    if per_class:
-        lines += [*_per_class_section(per_class), ""]
-    if decision is not None:
-        lines += [
-            "## Promotion at registration",
-            "",
-            f"**{decision.label}**",
-            "",
-            *(f"- {gate.name}: {gate.status}: {gate.reason}" for gate in decision.gates),
-            "",
-            "Later decisions (`roadshift promote`, `roadshift rollback`) are tags on the version.",
-            "",
-        ]
-    lines += ["## Limits", "", *_limits(metrics, per_class, data), "", "## Lineage", ""]
-    lines += ["| tag | value |", "|---|---|"]
-    lines += [f"| {key} | `{value}` |" for key, value in sorted(tags.items())]
-    return "\n".join(lines) + "\n"
-
-
-# --------------------------------------------------------------------------- registration
-
-
-@dataclass(frozen=True)
-class RegistrationResult:
-    name: str
-    version: str
-    aliases: tuple[str, ...]
-    decision: str  # "promoted" | "refused"
-    reason: str
-    already_registered: bool
-    weights_sha256: str
-    model_uri: str
-    champion_before: str | None = None  # the champion decided against
-    champion_scores: Scores | None = None  # its scores the gates used, and their source
-    challenger_scores: Scores | None = None
-    gates: tuple[GateResult, ...] = ()
-    model_card_uri: str | None = None
-    lock: str = ""
-    registry_aliases: dict[str, str] = field(default_factory=dict)  # every alias, afterwards
-
-    @property
-    def promoted(self) -> bool:
-        return self.decision == "promoted"
-
-
-def load_champion(name: str) -> mlflow.pyfunc.PyFuncModel:
-    return mlflow.pyfunc.load_model(f"models:/{name}@{CHAMPION}")
-
-
-def _quoted(value: str) -> str:
-    return "'" + value.replace("'", "\\'") + "'"
-
-
-def version_with_weights(
-    client: MlflowClient, name: str, weights_sha256: str
-) -> ModelVersion | None:
-    """The oldest version of ``name`` registered from exactly these weights, if any."""
-    if registered_model(client, name) is None:
-        return None
-    versions = client.search_model_versions(
-        f"name = {_quoted(name)} AND tags.`{WEIGHTS_TAG}` = {_quoted(weights_sha256)}"
-    )
-    matching = [v for v in versions if v.tags.get(WEIGHTS_TAG) == weights_sha256]
-    return min(matching, key=lambda v: int(v.version), default=None)
-
-
-def _version_tags(
-    metrics: Mapping[str, float],
-    per_class: Mapping[str, Mapping[str, float]] | None,
-    tags: Mapping[str, str],
-    weights_sha256: str,
-    model_dir: Path,
-) -> dict[str, str]:
-    return {
-        **{key: str(value) for key, value in tags.items()},
-        **{METRIC_TAG_PREFIX + key: repr(float(value)) for key, value in metrics.items()},
-        **recall_tags(per_class),
-        WEIGHTS_TAG: weights_sha256,
-        MODEL_DIR_TAG: directory_digest(model_dir),
-    }
-
-
-def _already_registered(
-    client: MlflowClient, existing: ModelVersion, weights_sha256: str
-) -> RegistrationResult:
-    current = client.get_model_version(existing.name, existing.version)
-    decision = current.tags.get(DECISION_TAG, "unknown")
-    return RegistrationResult(
-        name=current.name,
-        version=str(current.version),
-        aliases=tuple(sorted(current.aliases)),
-        decision=decision,
-        reason=f"weights already registered as version {current.version}; nothing registered "
-        f"(its promotion then: {decision}: {current.tags.get(REASON_TAG, 'no reason recorded')})",
-        already_registered=True,
-        weights_sha256=weights_sha256,
-        model_uri=f"models:/{current.name}/{current.version}",
-        model_card_uri=current.tags.get(MODEL_CARD_TAG),
-    )
-
-
-def _log_model_card(client: MlflowClient, name: str, version: str, card: str) -> str:
-    """Log the card to the active run (the run the model was logged with); tag its location."""
-    run_id = mlflow.active_run().info.run_id
-    artifact_file = f"model_card/{name}/v{version}/model_card.md"
-    mlflow.log_text(card, artifact_file)
-    uri = f"runs:/{run_id}/{artifact_file}"
-    client.set_model_version_tag(name, version, MODEL_CARD_TAG, uri)
-    return uri
-
-
-def register_model_dir(
-    model_dir: Path,
-    metrics: Mapping[str, float],
-    tags: Mapping[str, str],
-    cfg: RegisterSection,
-    *,
-    per_class: Mapping[str, Mapping[str, float]] | None = None,
-    evaluation: EvaluationSet | None = None,
-    data: Sequence[DataSummary] = (),
-    lock_timeout: float = DEFAULT_LOCK_TIMEOUT_S,
-) -> RegistrationResult:
-    """Register the model folder as a new version of ``cfg.model_name``, unless its weights
-    already are one; alias it ``challenger`` and promote it to ``champion`` if the gates pass.
-
-    ``per_class`` is the evaluate stage's per-class table (its recall feeds the class-recall
-    gate and becomes ``metrics.recall.<class>`` tags). ``evaluation`` is the current target
-    test split: the champion is scored on it, so both sides are compared on the same data;
-    without it the champion's stored tags stand in. ``data`` feeds the model card.
-
-    Call inside an active MLflow run: the pyfunc model and the model card are logged to it.
-    """
-    model_dir = Path(model_dir)
-    spec = read_model_spec(model_dir)
-    client = MlflowClient()
-    name = cfg.model_name
-    weights_sha256 = sha256_file(model_dir / "weights.safetensors")
-    existing = version_with_weights(client, name, weights_sha256)
-    if existing is not None and DECISION_TAG in existing.tags:
-        return _already_registered(client, existing, weights_sha256)
-
-    if GATE_METRIC not in metrics:
-        raise ValueError(
-            f"metrics lack {GATE_METRIC!r}, the promotion gate; got {sorted(metrics)} "
-            "(run the evaluate stage first)"
-        )
-    if mlflow.active_run() is None:
-        raise RuntimeError("register_model_dir: no active MLflow run to log the model to")
-
-    challenger = scores_from_metrics(
-        metrics, per_class, "the evaluate stage on the target test split"
-    )
-    hint = metrics.get(CHAMPION_GATE_METRIC)
-    scorer = VersionScorer(
-        name, evaluation, macro_f1_hint=float(hint) if hint is not None else None
-    )
-    champion = champion_version(client, name)
-    if champion is not None:
-        scorer(champion)  # the slow part (load + predict) before the lock; redone only if moved
-    model_info = log_pyfunc_model(model_dir) if existing is None else None
-
-    store_uri = mlflow.get_registry_uri()
-    with promotion_lock(store_uri, name, lock_timeout):
-        # Again inside the lock: a concurrent run may have registered these weights meanwhile.
-        existing = version_with_weights(client, name, weights_sha256)
-        if existing is not None and DECISION_TAG in existing.tags:
-            return _already_registered(client, existing, weights_sha256)
-        if existing is None:
-            registered = mlflow.register_model(
-                model_info.model_uri,
-                name,
-                tags=_version_tags(metrics, per_class, tags, weights_sha256, model_dir),
-            )
-            version = str(registered.version)
-        else:  # registered by an earlier attempt that stopped before deciding: decide now
-            version = str(existing.version)
-        client.set_registered_model_alias(name, CHALLENGER, version)
-        outcome: PromotionOutcome = promote_under_lock(
-            client,
-            name,
-            version,
-            challenger,
-            cfg,
-            scorer,
-            store_uri=store_uri,
-            mode="pipeline",
-            user=current_user(),
-            lock_timeout=lock_timeout,
-        )
-
-    card = render_model_card(
-        name,
-        version,
-        metrics,
-        per_class,
-        {**tags, WEIGHTS_TAG: weights_sha256, MODEL_DIR_TAG: directory_digest(model_dir)},
-        data,
-        cfg,
-        outcome.decision,
-        spec.class_names,
-    )
-    card_uri = _log_model_card(client, name, version, card)
-    return RegistrationResult(
-        name=name,
-        version=version,
-        aliases=tuple(sorted(a for a, v in outcome.aliases.items() if v == version)),
-        decision=outcome.decision.label,
-        reason=outcome.decision.reason,
-        already_registered=False,
-        weights_sha256=weights_sha256,
-        model_uri=f"models:/{name}/{version}",
-        champion_before=outcome.champion_before,
-        champion_scores=outcome.champion_scores,
-        challenger_scores=outcome.challenger_scores,
-        gates=outcome.decision.gates,
-        model_card_uri=card_uri,
-        lock=outcome.lock,
-        registry_aliases=outcome.aliases,
     )

@@ -24,9 +24,10 @@ from PIL import Image, UnidentifiedImageError
 
 from roadshift.data.images import to_rgb
 
-# The alias the register stage promotes to (roadshift.registry.pyfunc.CHAMPION). Not imported from
-# there: the registry module pulls in torch and the model code, which prediction never needs.
-CHAMPION_ALIAS = "champion"
+# The alias the register stage promotes to. roadshift.registry.tags holds constants only: it
+# pulls in neither torch nor the model code, which prediction never needs.
+from roadshift.registry.tags import CHAMPION as CHAMPION_ALIAS
+
 DEFAULT_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 DEFAULT_BATCH_SIZE = 64
 PATH_COLUMN = "path"

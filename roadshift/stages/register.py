@@ -19,8 +19,9 @@ from roadshift.data.manifest import class_names, read_manifest
 from roadshift.jsonio import read_json
 from roadshift.layout import Layout
 from roadshift.registry.lineage import lineage_tags
-from roadshift.registry.promotion import EvaluationSet, evaluation_set_from_manifest
-from roadshift.registry.pyfunc import DataSummary, register_model_dir
+from roadshift.registry.model_card import DataSummary
+from roadshift.registry.register import register_model_dir
+from roadshift.registry.scoring import EvaluationSet, evaluation_set_from_manifest
 from roadshift.stages.outcome import StageOutcome
 
 PER_CLASS_METRICS = "evaluate_per_class.json"

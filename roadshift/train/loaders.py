@@ -9,7 +9,6 @@ and on each torchrun rank's shard, without saving any RNG state.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from typing import NamedTuple
 
@@ -18,6 +17,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from roadshift.train.distributed import current_group
+from roadshift.train.runtime import usable_cpus
 
 
 class SeededBatch(NamedTuple):
@@ -86,7 +86,7 @@ def resolve_num_workers(setting: int | str) -> int:
     when there are cores to spare beyond the training threads (more than 4)."""
     if setting != "auto":
         return int(setting)
-    cores = os.cpu_count() or 1
+    cores = usable_cpus()
     if torch.cuda.is_available():
         return max(1, min(8, cores - 1))
     return 0 if cores <= 4 else min(4, cores // 4)

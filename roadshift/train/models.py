@@ -47,6 +47,9 @@ _TOTAL_STRIDE = {
 # "auto" picks the small stem when the last feature map would be smaller than this per side.
 _MIN_FEATURE_MAP_SIDE = 2
 
+# the public batch-norm layers (torch has no public base class for them)
+BATCHNORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+
 
 class WeightsError(RuntimeError):
     """Initial weights that cannot be found or do not fit the backbone."""
@@ -297,7 +300,7 @@ def _set_batchnorm_momentum(model: nn.Module, momentum: float) -> None:
     and the model in eval mode predicts one class; 0.1 lets them converge.
     """
     for module in model.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        if isinstance(module, BATCHNORM_TYPES):
             module.momentum = momentum
 
 

@@ -37,15 +37,15 @@ import torch
 from torch import nn
 
 from roadshift.config import FinetuneSection
-from roadshift.train.models import backbone_blocks, head_module_name, replace_head
+from roadshift.train.models import BATCHNORM_TYPES, backbone_blocks, head_module_name, replace_head
 
 Strategy = Literal["feature_extraction", "fine_tune"]
 STRATEGIES: tuple[str, str] = ("feature_extraction", "fine_tune")
 HEAD_GROUP = "head"
 
 
-def _batchnorms(module: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
-    return [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+def _batchnorms(module: nn.Module) -> list[nn.Module]:
+    return [m for m in module.modules() if isinstance(m, BATCHNORM_TYPES)]
 
 
 def _set_requires_grad(parameters: Iterable[nn.Parameter], flag: bool) -> None:

@@ -1,0 +1,188 @@
+"""What the tests share: tiny params, throwaway git+DVC projects, toy data and a tiny champion.
+
+The one module that test modules (and tests/ddp_fit_worker.py) import helpers from; no test
+module imports from another test module or from conftest.py, which holds fixtures only.
+
+Libraries that read the environment when they are imported (albumentations, MLflow,
+Prefect) are imported inside the functions that need them: conftest.py imports this
+module before its ``pytest_configure`` sets the offline environment.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from PIL import Image
+from torch import nn
+from torch.utils.data import Dataset
+
+from roadshift.train.loaders import make_loader
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+# What a project checkout needs for `dvc repro`: the pipeline definition and the
+# stage sources that dvc.yaml lists as dependencies.
+PROJECT_FILES = ("dvc.yaml", ".dvcignore", ".gitignore", ".dvc/config", ".dvc/.gitignore")
+PROJECT_DIRS = ("roadshift",)
+
+TINY_PARAMS = {
+    "base": {"seed": 7, "image_size": 32, "num_threads": 1},
+    "synth": {
+        "source_per_class": 10,
+        "target_train_per_class": 4,
+        "target_val_per_class": 2,
+        "target_test_per_class": 3,
+        "image_size": 32,
+    },
+    "validate": {"min_images_per_class": 2},
+    "pretrain": {"epochs": 2, "batch_size": 16, "lr": 0.003},
+    "finetune": {"epochs": 2, "batch_size": 16, "lr": 0.002},
+    "evaluate": {"batch_size": 64},
+    "register": {"model_name": "tiny-road-signs"},
+}
+
+
+# --- git and DVC projects --------------------------------------------------------------------
+
+
+def git(root: Path, *args: str) -> str:
+    return subprocess.run(
+        ["git", *args], cwd=root, check=True, capture_output=True, text=True
+    ).stdout.strip()
+
+
+def venv_environment() -> dict[str, str]:
+    """The environment for a subprocess: this test session's, with the venv's tools first."""
+    env = dict(os.environ)
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    return env
+
+
+def make_project(root: Path, params: dict) -> Path:
+    """A fresh git repo holding the pipeline definition, tiny params and tiny synthetic data."""
+    from roadshift.config import params_to_dict, parse_params
+    from roadshift.data.synth import synthesize_dataset
+
+    root.mkdir(parents=True, exist_ok=True)
+    for name in PROJECT_FILES:
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(PROJECT_ROOT / name, root / name)
+    for name in PROJECT_DIRS:
+        shutil.copytree(
+            PROJECT_ROOT / name, root / name, ignore=shutil.ignore_patterns("__pycache__")
+        )
+    parsed = parse_params(params)
+    # DVC reads each stage's params sections from the file itself: write them all out.
+    (root / "params.yaml").write_text(yaml.safe_dump(params_to_dict(parsed), sort_keys=False))
+    synthesize_dataset(root / "data" / "raw", parsed.synth, seed=parsed.base.seed)
+    return commit_everything(root, "tiny project")
+
+
+def commit_everything(root: Path, message: str) -> Path:
+    """Make ``root`` a git repository if it is not one, and commit all of it."""
+    if not (root / ".git").exists():
+        git(root, "init", "-q", "-b", "main")
+        git(root, "config", "user.name", "roadshift tests")
+        git(root, "config", "user.email", "tests@roadshift.invalid")
+    git(root, "add", "-A")
+    git(root, "commit", "-q", "-m", message)
+    return root
+
+
+# --- a toy problem for the training loop -----------------------------------------------------
+
+
+class Blobs(Dataset):
+    """Two Gaussian blobs in 8-d: learnable in a few epochs by a tiny network."""
+
+    def __init__(self, n: int, seed: int, poison: bool = False) -> None:
+        generator = torch.Generator().manual_seed(seed)
+        self.targets = torch.arange(n) % 2
+        self.inputs = torch.randn(n, 8, generator=generator) + 2.0 * self.targets[:, None]
+        if poison:
+            self.inputs[3, 0] = float("nan")
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.inputs[i], self.targets[i]
+
+
+def tiny_net(seed: int = 0, batchnorm: bool = True) -> nn.Module:
+    torch.manual_seed(seed)
+    layers: list[nn.Module] = [nn.Linear(8, 16)]
+    if batchnorm:
+        layers.append(nn.BatchNorm1d(16))
+    layers += [nn.ReLU(), nn.Dropout(0.2), nn.Linear(16, 2)]
+    return nn.Sequential(*layers)
+
+
+def loaders(seed: int = 0, poison: bool = False):
+    train = make_loader(Blobs(64, 1, poison), 16, shuffle=True, seed=seed)
+    val = make_loader(Blobs(32, 2), 32, shuffle=False, seed=seed)
+    return train, val
+
+
+# --- a tiny registered champion --------------------------------------------------------------
+
+CLASSES = ("stop", "give_way", "no_entry")
+
+
+def make_model_dir(path: Path, seed: int = 0) -> Path:
+    """A tiny model whose output depends on the image, so mixed-up rows would show.
+
+    mobilenet_v3_small fresh from random init gives every image the same probabilities (its
+    BatchNorm statistics fit no input); statistics taken from one batch of noise fix that.
+    """
+    from roadshift.data.transforms import create_eval_transform
+    from roadshift.train.models import ModelSpec, create_model, save_model_dir
+
+    torch.manual_seed(seed)
+    model = create_model("mobilenet_v3_small", len(CLASSES))
+    spec = ModelSpec("mobilenet_v3_small", CLASSES, image_size=32)
+    transform = create_eval_transform(spec.image_size, spec.mean, spec.std)
+    noise = np.random.default_rng(seed).integers(0, 256, size=(16, 32, 32, 3), dtype=np.uint8)
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.reset_running_stats()
+            module.momentum = None  # a plain average over the calibration batch
+    model.train()
+    with torch.no_grad():
+        model(torch.stack([transform(image=image)["image"] for image in noise]))
+    return save_model_dir(model.eval(), spec, path)
+
+
+def register_champion(root: Path, name: str) -> str:
+    """Point MLflow at a SQLite store under ``root``, register a tiny champion; its URI."""
+    import mlflow
+
+    from roadshift.config import RegisterSection, parse_params
+    from roadshift.registry.register import register_model_dir
+    from roadshift.registry.tags import CHAMPION
+    from roadshift.tracking import configure_tracking
+
+    configure_tracking(parse_params({"tracking": {"experiment": "predict-tests"}}), root)
+    with mlflow.start_run(run_name="register"):
+        result = register_model_dir(
+            make_model_dir(root / "models" / "tiny"),
+            {"target_macro_f1": 0.6},
+            {},
+            RegisterSection(model_name=name),
+        )
+    assert CHAMPION in result.aliases
+    return mlflow.get_tracking_uri()
+
+
+def png_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
