@@ -77,12 +77,19 @@ def command_run(args: argparse.Namespace) -> int:
 
 
 def command_synth(args: argparse.Namespace) -> int:
-    from roadshift.data.synth import add_target_batch, synthesize_dataset, write_contact_sheet
+    from roadshift.data.synth import (
+        add_target_batch,
+        synthesize_dataset,
+        synthesize_unlabeled_pool,
+        write_contact_sheet,
+    )
 
     root = Path(args.root).resolve()
     params = load_params(root / args.params)
     source_dir = root / params.data.source.path
     target_dir = root / params.data.target.path
+    pool = params.data.target.unlabeled_path
+    pool_dir = root / pool if pool is not None else None
     if args.add_target_batch:
         count = add_target_batch(
             target_dir,
@@ -94,13 +101,23 @@ def command_synth(args: argparse.Namespace) -> int:
         print(f"added {count} labelled target images (batch {args.batch_id}) under {target_dir}")
         return 0
     if args.if_absent and source_dir.is_dir() and target_dir.is_dir():
+        if pool_dir is not None and not pool_dir.is_dir():  # data from before the pool existed
+            count = synthesize_unlabeled_pool(
+                pool_dir,
+                params.synth.target_unlabeled_per_class,
+                params.synth.image_size,
+                params.base.seed,
+            )
+            print(f"synthesised {count} unlabelled target images under {pool_dir}")
         print(
             f"data present under {source_dir.parent}; not synthesising (drop --if-absent to redo)"
         )
         return 0
     if source_dir.parent != target_dir.parent:
         raise ConfigError("data.source.path and data.target.path must share a parent to synthesise")
-    counts = synthesize_dataset(source_dir.parent, params.synth, seed=params.base.seed)
+    counts = synthesize_dataset(
+        source_dir.parent, params.synth, seed=params.base.seed, unlabeled_dir=pool_dir
+    )
     sheet = write_contact_sheet(
         {"source": source_dir, "target": target_dir}, root / "reports" / "contact_sheet.png"
     )

@@ -51,7 +51,17 @@ class SynthSection(_Section):
     target_train_per_class: int = Field(12, ge=1)
     target_val_per_class: int = Field(6, ge=1)
     target_test_per_class: int = Field(40, ge=1)
+    target_unlabeled_per_class: int = Field(
+        60,
+        ge=0,
+        description="unlabelled target images per class, drawn like the target train images and "
+        "written without their class (the pool self-training learns from); 0 = an empty pool",
+    )
     image_size: int = Field(64, ge=16, le=512)
+
+
+UNLABELED_POOL = "target_unlabeled"
+"""The unlabelled target images' name in manifests, reports, data versions and lineage tags."""
 
 
 class DomainData(_Section):
@@ -59,9 +69,21 @@ class DomainData(_Section):
     description: str = ""
 
 
+class TargetDomainData(DomainData):
+    """The target domain, the one that can also have a pool of unlabelled images: target
+    labels are what is scarce, and unlabelled target images are what self-training adapts to
+    (the source is labelled by definition, so it has no such key)."""
+
+    unlabeled_path: Path | None = Field(
+        None,
+        description="folder of unlabelled target images, any depth, no labels (prepare scans "
+        "it into data/prepared/target_unlabeled.csv); None = no pool",
+    )
+
+
 class DataSection(_Section):
     source: DomainData = DomainData(path=Path("data/raw/source"), description="US roads (MUTCD)")
-    target: DomainData = DomainData(
+    target: TargetDomainData = TargetDomainData(
         path=Path("data/raw/target"), description="Indian roads (IRC:67)"
     )
 
@@ -100,11 +122,16 @@ class FractionRange(_Section):
 
 class SplitFractionBounds(_Section):
     """Share of a domain's images each split may hold; catches a test set that went missing
-    or swallowed the training data."""
+    or swallowed the training data.
 
-    train: FractionRange = FractionRange(min=0.05, max=0.98)
+    One set of bounds for both domains, wide enough for a few-label target (10 labelled train
+    images a class beside a test split of 80-95 % of its images), still failing a split that is
+    empty or holds all but a sliver of the images. An empty train or test split also fails
+    ``require_splits``, and too few train images per class ``min_images_per_class``."""
+
+    train: FractionRange = FractionRange(min=0.01, max=0.98)
     val: FractionRange = FractionRange(min=0.0, max=0.5)
-    test: FractionRange = FractionRange(min=0.02, max=0.8)
+    test: FractionRange = FractionRange(min=0.02, max=0.97)
 
 
 class ValidateSection(_Section):
@@ -147,6 +174,25 @@ class AugmentSection(_Section):
     hue_saturation: int = Field(10, ge=0, le=180)
     blur_probability: float = Field(0.2, ge=0, le=1)
     noise_probability: float = Field(0.2, ge=0, le=1)
+
+
+class StrongAugmentSection(AugmentSection):
+    """The strong view of self-training: the train augmentations at wider ranges, plus colour
+    inversion, grayscale and cutout. The model must give it the class its weak view was
+    pseudo-labelled with, which teaches invariance to changes the source data never showed
+    (a new colour scheme, lighting, occlusion) -- the shift self-training has to bridge."""
+
+    scale_min: float = Field(0.5, gt=0, le=1)
+    rotate_limit: int = Field(20, ge=0, le=180)
+    brightness_contrast: float = Field(0.5, ge=0, le=1)
+    hue_saturation: int = Field(45, ge=0, le=180)
+    blur_probability: float = Field(0.3, ge=0, le=1)
+    noise_probability: float = Field(0.3, ge=0, le=1)
+    invert_probability: float = Field(0.2, ge=0, le=1, description="share of images inverted")
+    grayscale_probability: float = Field(0.2, ge=0, le=1, description="share made grayscale")
+    cutout_fraction: float = Field(
+        0.5, ge=0, lt=1, description="erase a grey square of up to this share of the side"
+    )
 
 
 class TrainSection(_Section):
@@ -207,6 +253,41 @@ class AutoStrategySection(_Section):
     )
 
 
+class SelfTrainingSection(_Section):
+    """Semi-supervised adaptation on unlabelled target images after fine-tuning (AdaBN, then
+    FixMatch/AdaMatch-style pseudo-labelling; ``roadshift.transfer.self_training``)."""
+
+    enabled: bool | Literal["auto"] = Field(
+        "auto",
+        description="auto: with unlabelled target images, when the backbone trains (strategy "
+        "fine_tune) and a target val split exists to reject a self-trained model that is not "
+        "better; true: also on the target train images alone",
+    )
+    epochs: int = Field(30, ge=1, description="passes over the larger of labelled/unlabelled")
+    lr: float = Field(1.5e-3, gt=0, le=10, description="peak lr of every trainable parameter")
+    confidence_threshold: float = Field(
+        0.9, gt=0, le=1, description="pseudo-labels only above this confidence"
+    )
+    relative_threshold: bool = Field(
+        True,
+        description="AdaMatch: threshold = confidence_threshold x the mean confidence on "
+        "the labelled batch, so it follows how sure the model is on data it knows",
+    )
+    unlabeled_weight: float = Field(1.0, ge=0, description="weight of the pseudo-label loss")
+    unlabeled_batch_ratio: int = Field(
+        3, ge=1, description="mu: unlabelled images per labelled image in a step"
+    )
+    ema_decay: float | None = Field(
+        None, ge=0, lt=1, description="pseudo-labels from an EMA teacher; null = the student"
+    )
+    distribution_alignment: bool = Field(
+        True,
+        description="scale the predicted class distribution on unlabelled images towards the "
+        "labelled one before thresholding (AdaMatch)",
+    )
+    strong_augment: StrongAugmentSection = StrongAugmentSection()
+
+
 class FinetuneSection(TrainSection):
     strategy: Literal["auto", "feature_extraction", "fine_tune"] = "fine_tune"
     epochs: int = Field(15, ge=1)
@@ -239,6 +320,7 @@ class FinetuneSection(TrainSection):
         4, ge=1, description="embedding cache: views per train image (1 = unaugmented only)"
     )
     auto: AutoStrategySection = AutoStrategySection()
+    self_training: SelfTrainingSection = SelfTrainingSection()
 
     @model_validator(mode="after")
     def _unfreeze_blocks_positive(self) -> FinetuneSection:
@@ -271,6 +353,18 @@ class RegisterSection(_Section):
         ge=0,
         le=1,
         description="no class's target recall may fall by more than this against the champion",
+    )
+    require_beats_baselines: bool = Field(
+        True,
+        description="the challenger's target macro-F1 must exceed its own run's source-only "
+        "baseline and, when trained, its scratch baseline",
+    )
+    max_source_accuracy_drop: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="largest allowed fall in source test accuracy from the source-only model "
+        "to the fine-tuned one (forgetting the source); None = off",
     )
 
 

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from roadshift.config import UNLABELED_POOL
+
 if TYPE_CHECKING:
     from roadshift.config import TrackingSection
 
@@ -31,6 +33,16 @@ class Layout:
     def validated_manifest(self, domain: str) -> Path:
         """A manifest copied here only after it passed validation; training reads these."""
         return self.root / "data" / "validated" / f"{domain}.csv"
+
+    @property
+    def unlabeled_manifest(self) -> Path:
+        """The unlabelled target images (``data.target.unlabeled_path``); empty without a pool."""
+        return self.manifest(UNLABELED_POOL)
+
+    @property
+    def validated_unlabeled_manifest(self) -> Path:
+        """The unlabelled pool after it passed validation; what self-training reads."""
+        return self.validated_manifest(UNLABELED_POOL)
 
     @property
     def validation_dir(self) -> Path:

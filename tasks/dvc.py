@@ -49,16 +49,16 @@ def _stage_environment(root: Path) -> None:
 
 @task(name="version-data")
 def version_data(root: Path, params: Params) -> dict[str, str]:
-    """``dvc add`` each domain folder; a changed folder becomes a new data version."""
+    """``dvc add`` each domain folder and the unlabelled target pool; a changed folder becomes
+    a new data version (keys: source, target, target_unlabeled)."""
     layout = Layout(root)
-    targets = [str(folder) for folder in domain_folders(params, root).values()]
+    folders = domain_folders(params, root)
     with open_repo(root) as repo:
-        repo.add(targets)
-    versions = {}
-    for domain in ("source", "target"):
-        pointer = layout.data_pointer(params.data.domain(domain).path)
-        versions[domain] = dvc_data_version(pointer) or "unknown"
-    return versions
+        repo.add([str(folder) for folder in folders.values()])
+    return {
+        name: dvc_data_version(layout.data_pointer(folder)) or "unknown"
+        for name, folder in folders.items()
+    }
 
 
 @task(name="dvc-stage")

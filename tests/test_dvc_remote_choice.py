@@ -36,7 +36,7 @@ def test_pulling_before_any_data_version_is_committed_says_what_to_do(project, m
 def test_data_comes_back_from_the_chosen_remote_into_a_fresh_clone(project, tmp_path, monkeypatch):
     monkeypatch.setenv("ROADSHIFT_DVC_REMOTE", "local")
     with open_repo(project) as repo:
-        repo.add([str(project / "data/raw/source"), str(project / "data/raw/target")])
+        repo.add([str(project / "data/raw" / d) for d in ("source", "target", "target_unlabeled")])
         repo.push(remote="local")
     commit_everything(project, "data versions")
     clone = tmp_path / "clone"

@@ -127,6 +127,47 @@ def test_worst_mistakes_are_the_most_confident_errors_first():
     assert "target_accuracy_ci_low" not in evaluation.headline("target")
 
 
+def _scored(accuracy: float, seed: int):
+    """An evaluation whose predictions are right on ``accuracy`` of 400 rows."""
+    targets, predictions = noisy_labels(400, len(CLASSES), accuracy, seed)
+    probabilities = np.eye(len(CLASSES))[predictions]
+    cfg = EvaluateSection(bootstrap_samples=0)
+    return evaluate_probabilities(probabilities, targets, CLASSES, cfg, seed=seed)
+
+
+def test_the_fine_tuned_models_source_accuracy_is_reported_beside_the_source_only_models():
+    from roadshift.stages.evaluate import evaluation_metrics
+
+    finetuned, source_only = _scored(0.8, 1), _scored(0.5, 2)
+    source_home, finetuned_source = _scored(0.95, 3), _scored(0.85, 4)
+
+    metrics = evaluation_metrics(
+        finetuned, source_only, source_home, None, finetuned_source=finetuned_source
+    )
+
+    assert metrics["source_only_source_accuracy"] == source_home.report.accuracy
+    assert metrics["finetuned_source_accuracy"] == finetuned_source.report.accuracy
+    assert metrics["finetuned_source_macro_f1"] == finetuned_source.report.macro_f1
+    drop = source_home.report.accuracy - finetuned_source.report.accuracy
+    assert metrics["source_accuracy_drop"] == pytest.approx(drop)
+    assert "scratch_target_macro_f1" not in metrics  # no scratch baseline trained
+    report = eval_report.report_markdown(
+        ReportInputs(
+            metrics=metrics,
+            models={"fine-tuned": finetuned, "source-only": source_only},
+            finetuned="fine-tuned",
+            baseline="source-only",
+            mistakes=[],
+            figures=[],
+        )
+    )
+    assert (
+        "- **Source retained** (accuracy on the source test split, fine-tuned vs source-only): "
+        f"{finetuned_source.report.accuracy:.3f} vs {source_home.report.accuracy:.3f} = "
+        f"**{-drop:+.3f}**"
+    ) in report
+
+
 def _render_everything(out: Path, images: list[Path]) -> list[Path]:
     cfg = EvaluateSection(bootstrap_samples=200, calibration_bins=10)
     probabilities, targets = synthetic_probabilities(len(images), len(CLASSES), lambda c: c)

@@ -223,7 +223,9 @@ def test_prepare_writes_both_manifests_and_names_a_missing_folder_by_its_key(tmp
     assert written == {
         "source": tmp_path / "data" / "prepared" / "source.csv",
         "target": tmp_path / "data" / "prepared" / "target.csv",
+        "target_unlabeled": tmp_path / "data" / "prepared" / "target_unlabeled.csv",  # no pool
     }
+    assert read_manifest(written["target_unlabeled"]).empty
     assert read_manifest(written["target"])["path"].tolist() == ["elsewhere/test/stop/x.png"]
 
     missing = parse_params({"data": {"target": {"path": "data/raw/nowhere"}}})

@@ -26,7 +26,10 @@ from roadshift.tracking import configure_tracking
 from roadshift.train.models import ModelSpec, create_model, save_model_dir
 
 CLASSES = ("stop", "give_way", "no_entry")
-GATES = RegisterSection(model_name="gates", min_macro_f1=0.5, min_improvement=0.02)
+# The floor and the champion gates; the baseline gates are specified in test_baseline_gates.py.
+GATES = RegisterSection(
+    model_name="gates", min_macro_f1=0.5, min_improvement=0.02, require_beats_baselines=False
+)
 
 
 def make_model_dir(path: Path, seed: int) -> Path:

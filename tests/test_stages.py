@@ -60,6 +60,8 @@ def test_evaluate_reports_the_fine_tuned_model_next_to_the_source_only_baseline(
         "target_macro_f1",
         "source_only_target_accuracy",
         "source_only_source_accuracy",
+        "finetuned_source_accuracy",
+        "source_accuracy_drop",
         "domain_gap_accuracy",
         "transfer_gain_macro_f1",
         "scratch_target_accuracy",

@@ -26,6 +26,7 @@ TINY = SynthSection(
     target_train_per_class=2,
     target_val_per_class=1,
     target_test_per_class=2,
+    target_unlabeled_per_class=2,
     image_size=32,
 )
 
@@ -49,7 +50,7 @@ def test_same_seed_gives_byte_identical_files(tiny_raw: Path, tmp_path: Path) ->
     synthesize_dataset(tmp_path, TINY, seed=7)
     first, second = file_digests(tiny_raw), file_digests(tmp_path)
     assert first == second
-    assert len(first) == 8 * (4 + 5)
+    assert len(first) == 8 * (4 + 5 + 2)
 
 
 def test_different_seed_gives_different_images(tiny_raw: Path, tmp_path: Path) -> None:
@@ -61,7 +62,7 @@ def test_different_seed_gives_different_images(tiny_raw: Path, tmp_path: Path) -
 
 def test_layout_counts_and_returned_totals(tmp_path: Path) -> None:
     counts = synthesize_dataset(tmp_path, TINY, seed=1)
-    assert counts == {"source": 8 * 4, "target": 8 * 5}
+    assert counts == {"source": 8 * 4, "target": 8 * 5, "target_unlabeled": 8 * 2}
     expected = {
         "source": source_split_counts(4),
         "target": {"train": 2, "val": 1, "test": 2},

@@ -159,7 +159,11 @@ def as_team_member(team, monkeypatch):
 
 
 def _team_project(root: Path, model: str, **sections) -> Path:
-    params = {**TINY_PARAMS, "register": {"model_name": model}, **sections}
+    params = {
+        **TINY_PARAMS,
+        "register": {**TINY_PARAMS["register"], "model_name": model},
+        **sections,
+    }
     project = make_project(root, params)
     for name in DEPLOYMENT_FILES:
         shutil.copyfile(PROJECT_ROOT / name, project / name)
@@ -193,7 +197,12 @@ def test_a_worker_runs_the_deployment_on_the_team_stack_and_a_second_clone_repro
     dvc = str(Path(sys.executable).parent / "dvc")
 
     # Alice versions the data, commits the pointers and pushes the images to the team remote
-    team.check(dvc, "add", "data/raw/source", "data/raw/target", cwd=project)
+    team.check(
+        dvc,
+        "add",
+        *(f"data/raw/{d}" for d in ("source", "target", "target_unlabeled")),
+        cwd=project,
+    )
     commit_everything(project, "data versions")
     team.check(dvc, "push", "-r", "team", cwd=project)
     data_objects = set(bucket_keys(team.s3_url, team.env, "roadshift-dvc"))

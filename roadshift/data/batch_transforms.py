@@ -23,6 +23,9 @@ The augmentations keep the meaning of ``params.yaml``'s ``augment`` section:
 * Gaussian blur (kernel 3 or 5) with ``blur_probability`` and Gaussian noise (std
   2-8 % of the range) with ``noise_probability``.
 
+``StrongBatchTransform`` is self-training's strong view: the same steps at a
+``StrongAugmentSection``'s wider ranges, plus inversion, grayscale and a cutout square.
+
 Horizontal flips stay absent (see ``roadshift.data.transforms``). Evaluation needs no
 randomness: ``EvalBatchTransform`` normalises through the same per-channel lookup table
 albumentations' ``Normalize`` uses, so its tensors are bitwise those of
@@ -37,7 +40,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from roadshift.config import AugmentSection
+from roadshift.config import AugmentSection, StrongAugmentSection
 
 
 def normalisation_table(mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
@@ -175,6 +178,69 @@ class TrainBatchTransform(EvalBatchTransform):
         noise = torch.randn((len(rows), *x.shape[1:]), generator=g) * std[rows].view(-1, 1, 1, 1)
         x[rows] += noise  # in place: x is this transform's own intermediate
         return x
+
+
+class StrongBatchTransform(TrainBatchTransform):
+    """The strong view of self-training (``roadshift.transfer.self_training``): the train
+    augmentations at a ``StrongAugmentSection``'s wider ranges, then inversion, grayscale and
+    cutout. Invariance to these is what lets pseudo-labels from a weak view carry across a
+    colour or lighting shift the source data never showed; same seeding as the parent."""
+
+    def __init__(
+        self,
+        image_size: int,
+        mean: tuple[float, ...],
+        std: tuple[float, ...],
+        augment: StrongAugmentSection,
+    ) -> None:
+        super().__init__(image_size, mean, std, augment)
+        self.strong = augment
+
+    def __call__(
+        self, images: torch.Tensor, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        x = images.permute(0, 3, 1, 2).to(torch.float32).div_(255.0)
+        x = self._crop_and_rotate(x, generator)
+        x = self._colour(x, generator)
+        x = self._invert_and_grayscale(x, generator)
+        x = self._blur(x, generator)
+        x = self._noise(x, generator)
+        x = self._cutout(x, generator)
+        return x.clamp_(0.0, 1.0).sub_(self.mean).div_(self.std)
+
+    def _invert_and_grayscale(self, x: torch.Tensor, g: torch.Generator | None) -> torch.Tensor:
+        """Per image, ``1 - x`` and/or its luma in all three channels, as blends by 0/1
+        weights so every image takes the same ops (no gather, no branch)."""
+        n = len(x)
+        invert = _chosen(n, self.strong.invert_probability, g).view(n, 1, 1, 1)
+        grey = _chosen(n, self.strong.grayscale_probability, g).view(n, 1, 1, 1)
+        x = x + invert * (1.0 - 2.0 * x)
+        luma = (LUMA.view(1, 3, 1, 1) * x).sum(dim=1, keepdim=True)
+        return x + grey * (luma - x)
+
+    def _cutout(self, x: torch.Tensor, g: torch.Generator | None) -> torch.Tensor:
+        """One mid-grey square per image, side uniform in 0..``cutout_fraction`` of the
+        image's side, centre anywhere (it may hang over an edge), as in FixMatch."""
+        n, size = len(x), x.shape[-1]
+        half = _uniform(n, 0.0, self.strong.cutout_fraction, g) * size / 2
+        centre_y, centre_x = _uniform(n, 0.0, size, g), _uniform(n, 0.0, size, g)
+        pixels = torch.arange(size, dtype=torch.float32) + 0.5
+        rows = (pixels - centre_y.view(-1, 1)).abs() < half.view(-1, 1)
+        columns = (pixels - centre_x.view(-1, 1)).abs() < half.view(-1, 1)
+        erased = (rows.unsqueeze(2) & columns.unsqueeze(1)).unsqueeze(1)
+        return x.masked_fill_(erased, 0.5)  # x is this transform's own intermediate
+
+
+def create_strong_batch_transform(
+    image_size: int,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    augment: StrongAugmentSection,
+) -> EvalBatchTransform:
+    """The strong view of self-training; the eval transform when ``augment`` is disabled."""
+    if not augment.enabled:
+        return EvalBatchTransform(image_size, mean, std)
+    return StrongBatchTransform(image_size, mean, std, augment)
 
 
 def create_batch_transform(

@@ -18,10 +18,11 @@ from pathlib import Path
 
 import yaml
 
-from roadshift.config import DOMAINS, Params
+from roadshift.config import DOMAINS, UNLABELED_POOL, Params
 from roadshift.layout import Layout
 
 UNKNOWN = "unknown"
+UNLABELED_KEY = "data.target.unlabeled_path"
 _DVC_LOGGERS = ("dvc", "dvc_objects", "dvc_data")
 # Which DVC remote the pipeline pushes to and a deployment pulls from; unset: core.remote.
 # An environment switch, so one committed .dvc/config serves a laptop and a team stack.
@@ -78,23 +79,54 @@ def open_repo(root: Path) -> Iterator:
         yield repo
 
 
+def _project_folder(key: str, configured: Path, root: Path) -> Path:
+    from roadshift.config import ConfigError
+
+    folder = (configured if configured.is_absolute() else root / configured).resolve()
+    if root not in folder.parents:
+        raise ConfigError(
+            f"{key}: {configured} is outside the project {root}; DVC versions "
+            "only folders inside it: copy or move the tree under data/ and point the key there"
+        )
+    if not folder.is_dir():
+        raise ConfigError(f"{key}: folder {folder} does not exist")
+    return folder
+
+
+def _overlap(a: Path, b: Path) -> bool:
+    """One folder is the other or lies inside it."""
+    return a == b or a in b.parents or b in a.parents
+
+
 def domain_folders(params, root: Path) -> dict[str, Path]:
-    """Each domain's data folder, refused up front if DVC could not version it."""
+    """Each domain's data folder and the unlabelled target pool (``target_unlabeled``),
+    refused up front if DVC could not version them or dvc.yaml could not depend on them."""
     from roadshift.config import DOMAINS, ConfigError
 
     root = Path(root).resolve()
-    folders = {}
+    folders = {
+        domain: _project_folder(f"data.{domain}.path", params.data.domain(domain).path, root)
+        for domain in DOMAINS
+    }
+    pool = params.data.target.unlabeled_path
+    if pool is None:
+        # dvc.yaml's prepare stage names ${data.target.unlabeled_path} as a dependency, and
+        # DVC templating has no optional entries: a null there stops `dvc repro` unexplained.
+        raise ConfigError(
+            f"{UNLABELED_KEY}: not set, but dvc.yaml's prepare stage depends on the folder it "
+            "names (DVC has no optional dependencies); point it at a folder of unlabelled "
+            "target images, or at an empty folder for none, e.g. `mkdir -p "
+            "data/raw/target_unlabeled` and data.target.unlabeled_path: data/raw/target_unlabeled"
+        )
+    folders[UNLABELED_POOL] = _project_folder(UNLABELED_KEY, pool, root)
     for domain in DOMAINS:
-        configured = params.data.domain(domain).path
-        folder = (configured if configured.is_absolute() else root / configured).resolve()
-        if root not in folder.parents:
+        if _overlap(folders[domain], folders[UNLABELED_POOL]):
             raise ConfigError(
-                f"data.{domain}.path: {configured} is outside the project {root}; DVC versions "
-                "only folders inside it: copy or move the tree under data/ and point the key there"
+                f"{UNLABELED_KEY}: {pool} and data.{domain}.path "
+                f"({params.data.domain(domain).path}) overlap; DVC versions each folder on its "
+                "own and the labelled tree would read the pool as a class: keep the unlabelled "
+                "images in a folder beside the labelled trees"
             )
-        if not folder.is_dir():
-            raise ConfigError(f"data.{domain}.path: folder {folder} does not exist")
-        folders[domain] = folder
     return folders
 
 
@@ -110,6 +142,8 @@ def pull_domain_data(params, root: Path) -> dict[str, str]:
     root = Path(root).resolve()
     layout = Layout(root)
     pointers = {d: layout.data_pointer(params.data.domain(d).path) for d in DOMAINS}
+    if params.data.target.unlabeled_path is not None:
+        pointers[UNLABELED_POOL] = layout.data_pointer(params.data.target.unlabeled_path)
     with open_repo(root) as repo:
         remote = chosen_remote(repo)
         missing = [str(p) for p in pointers.values() if not p.is_file()]
@@ -151,9 +185,15 @@ def dvc_data_version(pointer_file: Path) -> str | None:
 
 
 def data_versions(params: Params, root: Path) -> dict[str, str]:
-    """Each domain's DVC data version, ``"unknown"`` where its folder is not DVC-tracked."""
+    """Each domain's DVC data version, ``"unknown"`` where its folder is not DVC-tracked; with
+    an unlabelled pool configured, its version too (``target_unlabeled``), since what the
+    model self-trained on is part of what it was made from."""
     layout = Layout(root)
-    return {
+    versions = {
         domain: dvc_data_version(layout.data_pointer(params.data.domain(domain).path)) or UNKNOWN
         for domain in DOMAINS
     }
+    pool = params.data.target.unlabeled_path
+    if pool is not None:
+        versions[UNLABELED_POOL] = dvc_data_version(layout.data_pointer(pool)) or UNKNOWN
+    return versions

@@ -7,6 +7,8 @@ Two layouts are understood:
   hash, so a file keeps its split when the dataset grows and byte-identical copies share a split.
 
 Files inside a class folder may sit in sub-folders; the class is always the class folder.
+The unlabelled target pool (``data.target.unlabeled_path``) has no class folders: every image
+at any depth is listed with an empty label and the split ``unlabeled``.
 Hidden files and folders (``.DS_Store``, ``._x.png``, ``.ipynb_checkpoints``) are skipped, as
 are files whose extension is not an image extension.
 
@@ -53,6 +55,8 @@ MANIFEST_DTYPES: dict[str, str] = {
     column: ("int64" if column in INTEGER_COLUMNS else "str") for column in MANIFEST_COLUMNS
 }
 MAX_DECODE_THREADS = 8
+UNLABELED_SPLIT = "unlabeled"
+"""The split of every row of the unlabelled pool's manifest (its label is empty)."""
 
 
 @dataclass(frozen=True)
@@ -160,9 +164,13 @@ def _class_folder_files(
     return files
 
 
+def _normalised_extensions(extensions: Iterable[str]) -> frozenset[str]:
+    return frozenset(e.lower() if e.startswith(".") else f".{e.lower()}" for e in extensions)
+
+
 def scan_image_folder(domain_dir: Path, extensions: Iterable[str]) -> list[ImageFile]:
     """List the images of one domain with their class and (split layout only) split."""
-    wanted = frozenset(e.lower() if e.startswith(".") else f".{e.lower()}" for e in extensions)
+    wanted = _normalised_extensions(extensions)
     if not domain_dir.is_dir():
         raise DatasetLayoutError(f"{domain_dir}: data folder not found")
     top = _visible_dirs(domain_dir)
@@ -185,6 +193,19 @@ def scan_image_folder(domain_dir: Path, extensions: Iterable[str]) -> list[Image
     for split_dir in split_dirs:
         files.extend(_class_folder_files(split_dir, split_dir.name, wanted))
     return files
+
+
+def scan_unlabeled_folder(folder: Path, extensions: Iterable[str]) -> list[ImageFile]:
+    """Every image under ``folder`` at any depth, with no label and the split ``unlabeled``.
+
+    Unlabelled images come as they were collected (dash-cam dumps, dated sub-folders), so no
+    layout is required and folder names are not read as classes; an empty folder is a valid,
+    empty pool. Hidden files and other extensions are skipped as in the labelled trees.
+    """
+    if not folder.is_dir():
+        raise DatasetLayoutError(f"{folder}: unlabelled image folder not found")
+    wanted = _normalised_extensions(extensions)
+    return [ImageFile(path, "", UNLABELED_SPLIT) for path in _image_files(folder, wanted)]
 
 
 # --- hashing, decoding, splitting ------------------------------------------------------------
@@ -279,7 +300,25 @@ def build_manifest_with_problems(
     domain_dir: Path, domain: str, cfg: PrepareSection, root: Path
 ) -> tuple[pd.DataFrame, list[ImageProblem]]:
     """The manifest of the files that pass the integrity rules, and a problem per other file."""
-    files = scan_image_folder(domain_dir, cfg.extensions)
+    return manifest_of_files(scan_image_folder(domain_dir, cfg.extensions), domain, cfg, root)
+
+
+def build_unlabeled_manifest(
+    folder: Path, cfg: PrepareSection, root: Path, domain: str = "target"
+) -> pd.DataFrame:
+    """One row per unlabelled image under ``folder``, under the labelled trees' integrity
+    rules; raises CorruptImageError listing every bad file, as ``build_manifest`` does."""
+    files = scan_unlabeled_folder(folder, cfg.extensions)
+    frame, problems = manifest_of_files(files, domain, cfg, root)
+    if problems:
+        raise CorruptImageError.from_problems(problems)
+    return frame
+
+
+def manifest_of_files(
+    files: Sequence[ImageFile], domain: str, cfg: PrepareSection, root: Path
+) -> tuple[pd.DataFrame, list[ImageProblem]]:
+    """Hash and decode ``files`` (threads): rows of those that pass, a problem per other one."""
     accepted_formats = frozenset(formats_for_extensions(cfg.extensions))
     results = inspect_images([f.path for f in files], accepted_formats)
     problems = [r for r in results if isinstance(r, ImageProblem)]
@@ -304,6 +343,23 @@ def build_manifest_with_problems(
         )
     frame = pd.DataFrame(rows, columns=list(MANIFEST_COLUMNS)).astype(MANIFEST_DTYPES)
     return frame.sort_values("path", ignore_index=True), problems
+
+
+def empty_manifest() -> pd.DataFrame:
+    """No rows, every column: what prepare writes for an absent pool, so DVC's outs stay fixed."""
+    return pd.DataFrame(columns=list(MANIFEST_COLUMNS)).astype(MANIFEST_DTYPES)
+
+
+def drop_labelled_copies(
+    pool: pd.DataFrame, labelled: pd.DataFrame
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """``(kept, dropped)``: the pool without images byte-identical to a labelled one.
+
+    Such an image is labelled already; kept in the pool it would be trained on twice, once
+    with a guessed label, and a copy of a test image would let self-training see the test split.
+    """
+    copies = pool["sha256"].isin(set(labelled["sha256"]))
+    return pool[~copies].reset_index(drop=True), pool[copies].reset_index(drop=True)
 
 
 # --- files -----------------------------------------------------------------------------------
@@ -337,6 +393,23 @@ def read_manifest(path: Path, *, strict: bool = True) -> pd.DataFrame:
     for column in INTEGER_COLUMNS:
         if column in frame:
             frame[column] = pd.to_numeric(frame[column], errors="coerce")
+    return frame
+
+
+def read_unlabeled_manifest(path: Path) -> pd.DataFrame:
+    """The unlabelled target pool's manifest (``Layout.validated_unlabeled_manifest`` for
+    training): one row per image, ``path`` relative to the project root, label missing (NaN).
+
+    Zero rows when no pool is configured. Refuses a file holding labelled rows, so a labelled
+    manifest passed by mistake cannot feed labelled images in as unlabelled ones.
+    """
+    frame = read_manifest(path)
+    stray = frame[frame["split"] != UNLABELED_SPLIT]
+    if len(stray):
+        raise ValueError(
+            f"{path}: not an unlabelled manifest: {len(stray)} row(s) with a split other than "
+            f"{UNLABELED_SPLIT!r}, e.g. {stray['path'].iloc[0]}; read it with read_manifest"
+        )
     return frame
 
 

@@ -8,6 +8,10 @@ look alike in both domains, so a source model transfers partly, never fully.
 Every image gets its own generator, seeded from a sha256 of (seed, domain, split, class, file
 name prefix, index): files are byte-identical across runs and processes, and any subset can be
 generated alone or in parallel.
+
+The unlabelled target pool (``target_unlabeled/``) is drawn like the target train images, from
+generators of its own (split ``unlabeled``), so adding it changed no labelled file. Its files sit
+in one folder under shuffled numbers: neither the name nor the order tells the class.
 """
 
 from __future__ import annotations
@@ -38,6 +42,8 @@ CLASSES: tuple[str, ...] = (
 )
 DOMAINS: tuple[str, ...] = ("source", "target")
 SPLITS: tuple[str, ...] = ("train", "val", "test")
+UNLABELED_FOLDER = "target_unlabeled"
+UNLABELED_STREAM = "unlabeled"  # the split key of the pool's generators: none of SPLITS
 
 Colour = tuple[int, int, int]
 Point = tuple[float, float]
@@ -723,7 +729,42 @@ def source_split_counts(per_class: int) -> dict[str, int]:
     return {"train": per_class - 2 * held_out, "val": held_out, "test": held_out}
 
 
-def synthesize_dataset(raw_dir: Path, cfg: SynthSection, seed: int) -> dict[str, int]:
+def _pool_draws(per_class: int, seed: int) -> list[tuple[str, int]]:
+    """(class, index) of each pool file in file-number order: a seeded shuffle."""
+    drawn = [(class_name, index) for class_name in CLASSES for index in range(per_class)]
+    order = image_rng(seed, "target", UNLABELED_STREAM, "order").permutation(len(drawn))
+    return [drawn[position] for position in order]
+
+
+def synthesize_unlabeled_pool(out_dir: Path, per_class: int, image_size: int, seed: int) -> int:
+    """Write ``per_class`` unlabelled target images of every class to ``out_dir/<n:05d>.png``.
+
+    File ``n`` is the class and index at position ``n`` of a seeded shuffle, so the pool holds
+    a known number of each class that only the seed reveals. Returns how many were written;
+    ``per_class`` 0 leaves an empty folder (a pool of none, which DVC still versions).
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    draws = _pool_draws(per_class, seed)
+    _remove_stale_numbered_files(out_dir, "", len(draws))
+    for number, (class_name, index) in enumerate(draws):
+        rng = image_rng(seed, "target", UNLABELED_STREAM, class_name, "", index)
+        image = render_sign_image("target", class_name, rng, image_size)
+        _write_atomically(out_dir / f"{number:05d}.png", _png_bytes(image))
+    return len(draws)
+
+
+def unlabeled_pool_classes(per_class: int, seed: int) -> list[str]:
+    """The class of each pool file ``<n:05d>.png`` in ``n`` order: the synthetic pool's answer
+    key, to measure pseudo-labels against in tests and benchmarks (never a training input)."""
+    return [class_name for class_name, _ in _pool_draws(per_class, seed)]
+
+
+def synthesize_dataset(
+    raw_dir: Path, cfg: SynthSection, seed: int, unlabeled_dir: Path | None = None
+) -> dict[str, int]:
+    """Source, target and the unlabelled target pool (``unlabeled_dir``, by default
+    ``raw_dir/target_unlabeled``) under ``raw_dir``; image counts per folder."""
     raw_dir = Path(raw_dir)
     target_counts = {
         "train": cfg.target_train_per_class,
@@ -740,6 +781,12 @@ def synthesize_dataset(raw_dir: Path, cfg: SynthSection, seed: int) -> dict[str,
         ),
         "target": synthesize_domain(
             "target", raw_dir / "target", target_counts, cfg.image_size, seed
+        ),
+        UNLABELED_FOLDER: synthesize_unlabeled_pool(
+            unlabeled_dir or raw_dir / UNLABELED_FOLDER,
+            cfg.target_unlabeled_per_class,
+            cfg.image_size,
+            seed,
         ),
     }
 

@@ -216,14 +216,21 @@ def _headline_table(inputs: ReportInputs) -> list[str]:
 
 def _gap_and_gain(inputs: ReportInputs) -> list[str]:
     """The domain gap needs the source-only score on the *source* test split (from the
-    metrics); the gains are the fine-tuned macro-F1 minus each other model's on this split."""
+    metrics), the source retained the fine-tuned model's there too; the gains are the
+    fine-tuned macro-F1 minus each other model's on this split."""
     home = inputs.metrics.get("source_only_source_accuracy")
     away = inputs.metrics.get("source_only_target_accuracy")
+    kept = inputs.metrics.get("finetuned_source_accuracy")
     lines = []
     if home is not None and away is not None:
         lines.append(
             "- **Domain gap** (source-only accuracy on the source test split minus on the target "
             f"test split): {home:.3f} − {away:.3f} = **{home - away:.3f}**"
+        )
+    if home is not None and kept is not None:
+        lines.append(
+            f"- **Source retained** (accuracy on the source test split, {inputs.finetuned} vs "
+            f"source-only): {kept:.3f} vs {home:.3f} = **{kept - home:+.3f}**"
         )
     shipped = inputs.models[inputs.finetuned].report.macro_f1
     for name, evaluation in inputs.models.items():

@@ -14,7 +14,7 @@ from __future__ import annotations
 import getpass
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 
 from mlflow import MlflowClient
@@ -23,7 +23,13 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
 
 from roadshift.config import RegisterSection
-from roadshift.registry.gates import PromotionDecision, Scores, check_gates, forced_decision
+from roadshift.registry.gates import (
+    PromotionDecision,
+    Scores,
+    baselines_from_tags,
+    check_gates,
+    forced_decision,
+)
 from roadshift.registry.lock import DEFAULT_LOCK_TIMEOUT_S, PromotionError, promotion_lock
 from roadshift.registry.scoring import EvaluationSet, VersionScorer
 from roadshift.registry.tags import (
@@ -214,10 +220,10 @@ def promote_under_lock(
         if force:
             decision = forced_decision(decision, user, why or "")
         candidate = client.get_model_version(name, version)
-        _set_tags(
+        _replace_prefixed(  # gate tags of an earlier decision, e.g. of a gate now off, go
             client,
-            name,
-            version,
+            candidate,
+            GATE_TAG_PREFIX,
             _decision_tags(
                 decision, champion, champion_scores, mode=mode, user=user, at=at, why=why
             ),
@@ -284,14 +290,16 @@ def promote_version(
 
     With an evaluation set (the project's current target test split) both the candidate and
     the champion are scored on it, since the candidate's stored figures may come from an
-    older split; without one both sides use their stored tags.
+    older split; without one both sides use their stored tags. The baseline gates read the
+    baselines of the candidate's own run from its ``metrics.<name>`` tags (skipped, "baselines
+    unknown", for a version registered without them).
     """
     why = (why or "").strip() or None
     if force and why is None:
         raise PromotionError("--force needs --reason: say why the gates are being bypassed")
     candidate = existing_version(client, name, version)
     scorer = VersionScorer(name, evaluation)
-    challenger = scorer(candidate)
+    challenger = replace(scorer(candidate), baselines=baselines_from_tags(candidate.tags))
     champion = champion_version(client, name)
     if champion is not None and str(champion.version) != str(candidate.version):
         scorer(champion)  # score outside the lock; re-scored inside only if it moved

@@ -8,7 +8,11 @@ from dataclasses import dataclass
 
 from roadshift.config import RegisterSection
 from roadshift.registry.gates import PromotionDecision
-from roadshift.registry.tags import GATE_METRIC
+from roadshift.registry.tags import (
+    FINETUNED_SOURCE_ACCURACY,
+    GATE_METRIC,
+    SOURCE_ONLY_SOURCE_ACCURACY,
+)
 
 LOW_RECALL = 0.5
 
@@ -83,6 +87,14 @@ def _limits(
             f"split; this model's target accuracy is {_fmt(metrics.get('target_accuracy', '?'))}. "
             "Signs, scenes or cameras unlike the target data will widen the gap again."
         )
+    if SOURCE_ONLY_SOURCE_ACCURACY in metrics and FINETUNED_SOURCE_ACCURACY in metrics:
+        before = float(metrics[SOURCE_ONLY_SOURCE_ACCURACY])
+        after = float(metrics[FINETUNED_SOURCE_ACCURACY])
+        limits.append(
+            f"- **Source retained**: on the source test split this model scores {after:.3f} "
+            f"accuracy, the source-only model {before:.3f} ({after - before:+.3f}); a large "
+            "drop means fine-tuning forgot the source domain."
+        )
     low = sorted(
         (row["recall"], name)
         for name, row in per_class.items()
@@ -149,9 +161,13 @@ def render_model_card(
         "## Metrics (target test split)",
         "",
         f"Gate metric `{GATE_METRIC}`: **{_fmt(metrics.get(GATE_METRIC, 'missing'))}**. "
-        f"Promotion gates: floor `register.min_macro_f1={cfg.min_macro_f1}`, margin over the "
-        f"champion `register.min_improvement={cfg.min_improvement}`, no class's recall falling "
-        f"by more than `register.max_class_recall_drop={cfg.max_class_recall_drop}`.",
+        f"Promotion gates: floor `register.min_macro_f1={cfg.min_macro_f1}`, beating its own "
+        "run's source-only and scratch baselines "
+        f"`register.require_beats_baselines={cfg.require_beats_baselines}`, source test accuracy "
+        f"falling by at most `register.max_source_accuracy_drop={cfg.max_source_accuracy_drop}`, "
+        f"margin over the champion `register.min_improvement={cfg.min_improvement}`, no "
+        "class's recall falling by more than "
+        f"`register.max_class_recall_drop={cfg.max_class_recall_drop}`.",
         "",
         "| metric | value |",
         "|---|---|",

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import yaml
 
-from roadshift.config import DOMAINS, Params, params_to_dict, parse_params
+from roadshift.config import DOMAINS, UNLABELED_POOL, Params, params_to_dict, parse_params
 from roadshift.data.dvc_repo import UNKNOWN, remote_option
 from roadshift.jsonio import read_json
 from roadshift.layout import Layout
@@ -70,7 +70,11 @@ class Lineage:
             version=str(version),
             git_commit=tags["git.commit"],
             git_dirty=tags.get("git.dirty", "false") == "true",
-            data_versions={d: tags.get(f"data.{d}.version", UNKNOWN) for d in DOMAINS},
+            data_versions={
+                d: tags.get(f"data.{d}.version", UNKNOWN)
+                for d in (*DOMAINS, UNLABELED_POOL)
+                if d in DOMAINS or f"data.{d}.version" in tags
+            },
             params_hash=tags["params.hash"],
             parent_run_id=tags.get("mlflow.parent_run_id"),
             weights_sha256=tags["weights.sha256"],
@@ -188,15 +192,18 @@ def _write_data_pointer(worktree: Path, folder: Path, md5: str) -> Path:
 def restore_data(worktree: Path, params: Params, lineage: Lineage, env: Mapping[str, str]) -> None:
     """Write each domain's recorded ``.dvc`` pointer and fetch that version from cache or remote."""
     dvc = str(Path(sys.executable).parent / "dvc")
+    folders = {domain: params.data.domain(domain).path for domain in DOMAINS}
+    if params.data.target.unlabeled_path is not None:  # the pool prepare scanned, if any
+        folders[UNLABELED_POOL] = params.data.target.unlabeled_path
     pointers = []
-    for domain in DOMAINS:
+    for domain, folder in folders.items():
         md5 = lineage.data_versions.get(domain, UNKNOWN)
         if md5 == UNKNOWN:
             raise ReproductionError(
                 f"model {lineage.model_name} v{lineage.version} records no DVC data version "
-                f"for the {domain} domain; it cannot be rebuilt from versioned data"
+                f"for the {domain} data; it cannot be rebuilt from versioned data"
             )
-        pointers.append(_write_data_pointer(worktree, params.data.domain(domain).path, md5))
+        pointers.append(_write_data_pointer(worktree, folder, md5))
     done = subprocess.run(
         [dvc, "pull", *remote_option(), *[str(p) for p in pointers]],
         cwd=worktree,
@@ -205,7 +212,7 @@ def restore_data(worktree: Path, params: Params, lineage: Lineage, env: Mapping[
         text=True,
     )
     if done.returncode != 0:
-        versions = ", ".join(f"{d} {lineage.data_versions[d]}" for d in DOMAINS)
+        versions = ", ".join(f"{d} {lineage.data_versions.get(d, UNKNOWN)}" for d in folders)
         raise ReproductionError(
             f"the recorded data versions ({versions}) are in neither the DVC cache nor any "
             f"reachable remote ({', '.join(_dvc_remote_urls(worktree)) or 'none configured'}); "

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from roadshift.config import DOMAINS
+from roadshift.config import DOMAINS, UNLABELED_POOL
 
 
 @dataclass(frozen=True)
@@ -35,7 +35,8 @@ def retrain_decision(
     changes = [
         f"{domain} data {champion_tags.get(f'data.{domain}.version', 'unknown')} -> "
         f"{data_versions.get(domain, 'unknown')}"
-        for domain in DOMAINS
+        # the unlabelled pool too: new unlabelled images are new data for self-training
+        for domain in (*DOMAINS, UNLABELED_POOL)
         if champion_tags.get(f"data.{domain}.version") != data_versions.get(domain)
     ]
     if champion_tags.get("params.hash") != current_params_hash:

@@ -13,6 +13,11 @@ GATE_METRIC = "target_macro_f1"
 # A champion score on today's test set handed in with the metrics; used only when the
 # champion itself is not scored here (no evaluation set), ahead of its stored tags.
 CHAMPION_GATE_METRIC = f"champion_{GATE_METRIC}"
+# The challenger's own run's baselines (metrics/evaluate.json keys) the baseline gates read.
+SOURCE_ONLY_GATE_METRIC = "source_only_target_macro_f1"
+SCRATCH_GATE_METRIC = "scratch_target_macro_f1"
+SOURCE_ONLY_SOURCE_ACCURACY = "source_only_source_accuracy"
+FINETUNED_SOURCE_ACCURACY = "finetuned_source_accuracy"
 METRIC_TAG_PREFIX = "metrics."
 RECALL_TAG_PREFIX = "metrics.recall."
 
@@ -23,7 +28,9 @@ MODE_TAG = "promotion.mode"  # pipeline | manual | forced
 BY_TAG = "promotion.by"
 AT_TAG = "promotion.at"  # UTC ISO time, microseconds: orders decisions
 WHY_TAG = "promotion.why"  # the operator's --reason
-GATE_TAG_PREFIX = "promotion.gate."  # .floor / .margin / .class_recall = "pass|fail|skipped: ..."
+# .floor / .beats_scratch / .beats_source_only / .source_accuracy_drop / .margin /
+# .class_recall = "pass|fail|skipped: ..."; only the gates of the latest decision
+GATE_TAG_PREFIX = "promotion.gate."
 AGAINST_TAG = "promotion.champion_version"  # the champion decided against, re-read in the lock
 REPLACED_TAG = "promotion.replaced"  # the champion this version replaced: rollback's history
 # The champion's scores the decision used, and where they came from.

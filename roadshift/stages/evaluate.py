@@ -4,6 +4,8 @@ The source-only model on the same split is what a team would ship without
 transfer learning; its gap to the source test score is the domain gap, and the
 fine-tuned model's lead over it is the transfer gain. The scratch model (same
 architecture, target train split only) shows whether the source helped at all.
+The fine-tuned model is also scored on the source test split: its drop from the
+source-only model's score there is what fine-tuning forgot of the source.
 
 Scores start from class probabilities, so besides accuracy and macro-F1 the stage
 reports bootstrap intervals (is a gain bigger than test-split noise?), calibration
@@ -100,14 +102,21 @@ def evaluation_metrics(
     source_only: Evaluation,
     source_home: Evaluation,
     scratch: Evaluation | None,
+    *,
+    finetuned_source: Evaluation,
 ) -> dict[str, float]:
-    """``metrics/evaluate.json``: the registry gate reads ``target_macro_f1``, the flow's
-    summary the accuracy/macro-F1/gap/gain keys; intervals and ECE sit beside them."""
+    """``metrics/evaluate.json``: the registry gates read ``target_macro_f1`` and the run's
+    baselines (source-only and scratch target macro-F1, source test accuracy before and after
+    fine-tuning), the flow's summary the accuracy/macro-F1/gap/gain keys; intervals and ECE
+    sit beside them. ``source_home`` and ``finetuned_source`` are the source-only and the
+    fine-tuned model on the source test split."""
     metrics = {
         **_headline(finetuned, "target"),
         **_headline(source_only, "source_only_target"),
         **source_home.headline("source_only_source"),
+        **finetuned_source.headline("finetuned_source"),
         "domain_gap_accuracy": source_home.report.accuracy - source_only.report.accuracy,
+        "source_accuracy_drop": source_home.report.accuracy - finetuned_source.report.accuracy,
         "transfer_gain_macro_f1": finetuned.report.macro_f1 - source_only.report.macro_f1,
         "target_min_class_recall": float(
             np.min([row["recall"] for row in finetuned.report.per_class.values()])
@@ -242,11 +251,16 @@ def run_evaluate(params: Params, root: Path) -> StageOutcome:
         "source-only": score(predict("source", target_manifest), params),
     }
     source_home = score(predict("source", source_manifest), params)
+    finetuned_source = score(predict("target", source_manifest), params)
     if params.evaluate.scratch_baseline and scratch_enabled(layout.model_dir("scratch")):
         models["scratch"] = score(predict("scratch", target_manifest), params)
     finetuned = models["fine-tuned"]
     metrics = evaluation_metrics(
-        finetuned, models["source-only"], source_home, models.get("scratch")
+        finetuned,
+        models["source-only"],
+        source_home,
+        models.get("scratch"),
+        finetuned_source=finetuned_source,
     )
     artifacts = [
         write_json(layout.metrics("evaluate"), metrics),

@@ -8,6 +8,10 @@ Two tables are validated per domain, each with its own suite: ``<domain>.images`
 manifest row, plus derived columns for leakage and missing files) and ``<domain>.classes`` (one
 row per class with its train-split count), because GX binds a suite to one batch and the
 per-class rules need a per-class row to name the class that breaks them.
+
+The unlabelled target pool (``data.target.unlabeled_path``) gets one suite,
+``target_unlabeled.images``: the labelled trees' per-image rules (sides, pixel mode, file format,
+files present, one row per path) and none about labels, classes or splits. An empty pool passes.
 """
 
 from __future__ import annotations
@@ -21,10 +25,11 @@ from typing import Any
 
 import pandas as pd
 
-from roadshift.config import DOMAINS, SPLITS, Params, ValidateSection
+from roadshift.config import DOMAINS, SPLITS, UNLABELED_POOL, Params, ValidateSection
 from roadshift.data.images import ACCEPTED_MODES, formats_for_extensions
 from roadshift.data.manifest import (
     MANIFEST_COLUMNS,
+    UNLABELED_SPLIT,
     DatasetLayoutError,
     build_manifest_with_problems,
     read_manifest,
@@ -61,7 +66,8 @@ class DataValidationError(ValueError):
 class ValidationSummary:
     success: bool
     images: dict[str, dict[str, int]]
-    """domain -> split -> image count (and "total")."""
+    """domain -> split -> image count (and "total"); the unlabelled pool, ``target_unlabeled``,
+    has only "total"."""
     classes: dict[str, dict[str, dict[str, int]]]
     """domain -> split -> class -> image count."""
     artifacts: list[Path] = field(default_factory=list)
@@ -194,11 +200,6 @@ def _images_expectations(
 ) -> list[Any]:
     e = gx.expectations
     required_splits = sorted(set(cfg.require_splits) | ({"test"} if domain == "target" else set()))
-    side = f"between {cfg.min_image_side} and {cfg.max_image_side} px"
-    side_hint = (
-        f"every side must be {side} (validate.min_image_side / validate.max_image_side); "
-        "resize or remove these images"
-    )
     return [
         *(
             e.ExpectColumnToExist(
@@ -247,6 +248,32 @@ def _images_expectations(
                 "assigned by content hash",
             },
         ),
+        *_image_file_expectations(gx, cfg, accepted_formats),
+        e.ExpectColumnValuesToBeInSet(
+            column=LEAKAGE_COLUMN,
+            value_set=[1],
+            meta={
+                "check": "leakage",
+                "hint": "identical image bytes sit in more than one split (train/val/test "
+                "leakage); keep each duplicate in one split only, or delete the copies",
+            },
+        ),
+        _files_exist_expectation(gx),
+    ]
+
+
+def _image_file_expectations(
+    gx: Any, cfg: ValidateSection, accepted_formats: Sequence[str]
+) -> list[Any]:
+    """What each image file must be, labelled or not: sides in range, a pixel mode and a file
+    format the loader converts by a documented rule, and not empty."""
+    e = gx.expectations
+    side = f"between {cfg.min_image_side} and {cfg.max_image_side} px"
+    side_hint = (
+        f"every side must be {side} (validate.min_image_side / validate.max_image_side); "
+        "resize or remove these images"
+    )
+    return [
         *(
             e.ExpectColumnValuesToBeBetween(
                 column=column,
@@ -279,23 +306,68 @@ def _images_expectations(
             min_value=1,
             meta={"check": "bytes", "hint": "re-run the prepare stage"},
         ),
+    ]
+
+
+def _files_exist_expectation(gx: Any) -> Any:
+    return gx.expectations.ExpectColumnValuesToBeInSet(
+        column=EXISTS_COLUMN,
+        value_set=[True],
+        meta={
+            "check": "files_exist",
+            "hint": "the manifest lists files that no longer exist; re-run the prepare stage",
+        },
+    )
+
+
+def _unlabeled_expectations(
+    gx: Any, cfg: ValidateSection, pool_path: Path | None, accepted_formats: Sequence[str]
+) -> list[Any]:
+    """The unlabelled pool: the per-image rules of the labelled trees, nothing about labels,
+    classes or split shares (it has none), and no minimum size (the pool is optional)."""
+    e = gx.expectations
+    where = pool_path.as_posix() if pool_path is not None else "data.target.unlabeled_path"
+    return [
+        *(
+            e.ExpectColumnToExist(
+                column=column,
+                meta={
+                    "check": "columns",
+                    "hint": "re-run the prepare stage to rebuild the manifest",
+                },
+            )
+            for column in MANIFEST_COLUMNS
+        ),
+        *(
+            e.ExpectColumnValuesToNotBeNull(
+                column=column,
+                meta={"check": "nulls", "hint": "re-run the prepare stage to rebuild the manifest"},
+            )
+            for column in ("path", "split", "sha256", "width", "height")
+        ),
+        e.ExpectColumnValuesToBeUnique(
+            column="path",
+            meta={"check": "unique_paths", "hint": "re-run the prepare stage"},
+        ),
         e.ExpectColumnValuesToBeInSet(
-            column=LEAKAGE_COLUMN,
-            value_set=[1],
+            column="domain",
+            value_set=["target"],
             meta={
-                "check": "leakage",
-                "hint": "identical image bytes sit in more than one split (train/val/test "
-                "leakage); keep each duplicate in one split only, or delete the copies",
+                "check": "domain",
+                "hint": f"the unlabelled pool ({where}) holds target images only",
             },
         ),
         e.ExpectColumnValuesToBeInSet(
-            column=EXISTS_COLUMN,
-            value_set=[True],
+            column="split",
+            value_set=[UNLABELED_SPLIT],
             meta={
-                "check": "files_exist",
-                "hint": "the manifest lists files that no longer exist; re-run the prepare stage",
+                "check": "splits",
+                "hint": f"every row of the unlabelled manifest has the split {UNLABELED_SPLIT!r}; "
+                "re-run the prepare stage",
             },
         ),
+        *_image_file_expectations(gx, cfg, accepted_formats),
+        _files_exist_expectation(gx),
     ]
 
 
@@ -552,6 +624,24 @@ def validate_domain(
     return checks, gx_json
 
 
+def validate_unlabeled(
+    runner: _GxRunner, manifest: pd.DataFrame, params: Params, root: Path
+) -> tuple[list[CheckResult], dict[str, Any]]:
+    """Run the unlabelled pool's one suite; flattened checks and GX's own result."""
+    expectations = _unlabeled_expectations(
+        runner.gx,
+        params.validate,
+        params.data.target.unlabeled_path,
+        formats_for_extensions(params.prepare.extensions),
+    )
+    suite = f"{UNLABELED_POOL}.images"
+    result = runner.validate(
+        suite, "images", images_table(manifest, root), expectations, index="path"
+    )
+    checks = [_check_result(UNLABELED_POOL, suite, r, "path") for r in result.results]
+    return checks, {"images": _stable(result.to_json_dict())}
+
+
 # GX stamps each result with fresh ids and clock times; without them the report is a pure
 # function of the data and thresholds, so `dvc repro` reproduces the stage's outputs exactly.
 _VOLATILE_GX_KEYS = frozenset(
@@ -576,11 +666,13 @@ def _stable(value: Any) -> Any:
 
 
 def run_validate(params: Params, root: Path) -> ValidationSummary:
-    """Check both manifests; only data that passed reaches training (``data/validated/``)."""
+    """Check both manifests and the unlabelled pool's; only data that passed reaches training
+    (``data/validated/``)."""
     layout = Layout(root)
-    for domain in DOMAINS:
+    for domain in (*DOMAINS, UNLABELED_POOL):
         layout.validated_manifest(domain).unlink(missing_ok=True)
     manifests = {d: read_manifest(layout.manifest(d), strict=False) for d in DOMAINS}
+    pool = read_manifest(layout.unlabeled_manifest, strict=False)
     labels = sorted(set().union(*(_labels(m) for m in manifests.values())))
     runner = _GxRunner()
     failures: list[str] = []
@@ -592,6 +684,11 @@ def run_validate(params: Params, root: Path) -> ValidationSummary:
         domain_reports[domain] = _domain_report(checks, images[domain], classes[domain])
         failures += [c.failure_line() for c in checks if not c.success]
         artifacts.append(write_json(layout.validation_dir / f"{domain}.json", gx_json))
+    checks, gx_json = validate_unlabeled(runner, pool, params, root)
+    images[UNLABELED_POOL], classes[UNLABELED_POOL] = {"total": len(pool)}, {}
+    domain_reports[UNLABELED_POOL] = _domain_report(checks, images[UNLABELED_POOL], {})
+    failures += [c.failure_line() for c in checks if not c.success]
+    artifacts.append(write_json(layout.validation_dir / f"{UNLABELED_POOL}.json", gx_json))
     cross_failures, cross_report = cross_domain_failures(manifests["source"], manifests["target"])
     failures += cross_failures
     success = not failures
@@ -608,7 +705,7 @@ def run_validate(params: Params, root: Path) -> ValidationSummary:
     artifacts.append(write_json(layout.metrics("validate"), metrics))
     if failures:
         raise DataValidationError(failures, layout.validation_dir)
-    for domain in DOMAINS:
+    for domain in (*DOMAINS, UNLABELED_POOL):
         destination = layout.validated_manifest(domain)
         destination.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(layout.manifest(domain), destination)

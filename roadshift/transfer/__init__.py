@@ -5,7 +5,9 @@
 - ``domain``: penultimate-layer embeddings, the proxy A-distance between two domains,
   and the auto strategy choice made from it (``embed``, ``proxy_a_distance``,
   ``choose_strategy``);
-- ``embeddings``: feature extraction on cached embeddings (``fit_head_on_embeddings``).
+- ``embeddings``: feature extraction on cached embeddings (``fit_head_on_embeddings``);
+- ``self_training``: unlabelled target images: AdaBN (``adapt_batchnorm``) and
+  FixMatch/AdaMatch-style pseudo-labelling (``self_train``).
 
 Import from the submodules: this file stays empty so that using one part (say, the
 plan) never pulls in the others' dependencies (scikit-learn, the training loop).
