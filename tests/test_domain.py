@@ -1,4 +1,5 @@
-"""Domain distance and the auto strategy: embeddings, proxy A-distance, choose_strategy."""
+"""Domain distance: embeddings and the proxy A-distance (logged by ``strategy: auto`` for
+information; the choice itself is cross-validated, tests/test_auto_strategy.py)."""
 
 from __future__ import annotations
 
@@ -7,9 +8,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from roadshift.config import AutoStrategySection
 from roadshift.train.models import create_model
-from roadshift.transfer.domain import choose_strategy, embed, head_inputs, proxy_a_distance
+from roadshift.transfer.domain import embed, head_inputs, proxy_a_distance
 
 ARCH = "mobilenet_v3_small"
 CPU = torch.device("cpu")
@@ -100,38 +100,3 @@ def test_embed_works_for_a_head_that_flattens_itself():
     features = embed(model, "convnext_tiny", loader(n=4), CPU)
     assert features.shape == (4, 4, 30, 30)
     assert model.classifier(features).shape == (4, 2)
-
-
-# --- choosing a strategy -----------------------------------------------------------------------
-
-AUTO = AutoStrategySection(max_images_per_class=20, max_domain_distance=1.0)
-
-
-@pytest.mark.parametrize(
-    ("images_per_class", "distance", "strategy"),
-    [
-        (4.0, 0.35, "feature_extraction"),  # small and similar
-        (4.0, 1.60, "fine_tune"),  # small but different
-        (150.0, 0.35, "fine_tune"),  # large and similar
-        (150.0, 1.60, "fine_tune"),  # large and different
-    ],
-)
-def test_feature_extraction_only_for_small_and_similar(images_per_class, distance, strategy):
-    choice = choose_strategy(images_per_class, distance, AUTO)
-    assert choice.strategy == strategy
-    assert choice.domain_distance == distance
-    assert choice.images_per_class == images_per_class
-    assert f"{images_per_class:.1f}" in choice.reason
-    assert f"{distance:.2f}" in choice.reason
-    assert "max_images_per_class = 20" in choice.reason
-    assert "max_domain_distance = 1" in choice.reason
-    assert choice.reason.startswith(f"auto chose {strategy}") and choice.reason.endswith(".")
-
-
-def test_the_thresholds_are_inclusive():
-    assert choose_strategy(20.0, 1.0, AUTO).strategy == "feature_extraction"
-
-
-def test_a_distance_that_is_not_a_number_cannot_choose():
-    with pytest.raises(ValueError, match="finite"):
-        choose_strategy(4.0, float("nan"), AUTO)

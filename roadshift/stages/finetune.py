@@ -1,12 +1,13 @@
 """Target-domain fine-tuning, starting from the source model.
 
-The strategy follows the transfer-learning rule of thumb: with little target data
-that looks like the source, train only the head on frozen features
-(``feature_extraction``); with more data or a bigger shift, let the backbone adapt
-too, at smaller, layer-wise decaying learning rates (``fine_tune``). ``auto`` makes
-that call from two measurements: train images per class and the proxy A-distance
-between source and target embeddings of the source model. How each strategy trains
-is planned in ``roadshift.transfer``; this stage wires data, plan and loop together.
+Two strategies: train only the head on frozen features (``feature_extraction``), or let
+the backbone adapt too, at smaller, layer-wise decaying learning rates (``fine_tune``).
+Which one suits a target is an empirical question (a size-and-distance rule of thumb picked
+the worse one by 16 points on a real pair), so ``auto`` cross-validates both on the target
+train split and trains the better (``roadshift.transfer.selection``); the proxy A-distance
+between source and target embeddings is still measured and logged, for information. How
+each strategy trains is planned in ``roadshift.transfer``; this stage wires data, plan and
+loop together.
 
 After fine-tuning, ``finetune.self_training`` adapts the model to unlabelled target images
 (``roadshift.transfer.self_training``: FixMatch/AdaMatch-style pseudo-labels),
@@ -17,6 +18,7 @@ train images stand in, their labels unused by the unlabelled loss.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -50,8 +52,9 @@ from roadshift.train.recipe import (
     train_loader,
     tune_learning_rate,
 )
-from roadshift.transfer.domain import StrategyChoice, choose_strategy, embed, proxy_a_distance
+from roadshift.transfer.domain import embed, proxy_a_distance
 from roadshift.transfer.embeddings import fit_head_with_embedding_cache
+from roadshift.transfer.selection import StrategyChoice, cross_validated_choice, restored_rng
 from roadshift.transfer.self_training import (
     LabelledImages,
     SelfTrainingResult,
@@ -94,7 +97,7 @@ def _train_sample_loader(
     return make_loader(dataset, batch_size, shuffle=False, seed=seed)
 
 
-def measure_and_choose(
+def measure_domain_distance(
     model: nn.Module,
     spec: ModelSpec,
     source: pd.DataFrame,
@@ -102,9 +105,9 @@ def measure_and_choose(
     root: Path,
     params: Params,
     device: torch.device,
-) -> StrategyChoice:
-    """``strategy: auto``: embed samples of both train splits with the source model,
-    measure their proxy A-distance and choose from it and the target's images per class."""
+) -> float:
+    """The proxy A-distance between samples of both train splits, embedded by the source
+    model: how large the shift is. Logged for information; it no longer decides anything."""
     auto, seed = params.finetune.auto, params.base.seed
     batch_size = params.evaluate.batch_size
     embeddings = [
@@ -116,26 +119,64 @@ def measure_and_choose(
         )
         for manifest in (source, target)
     ]
-    distance = proxy_a_distance(*embeddings, seed=seed)
-    images_per_class = len(split_frame(target, "train")) / spec.num_classes
-    return choose_strategy(images_per_class, distance, auto)
+    return proxy_a_distance(*embeddings, seed=seed)
 
 
-def _resolve_strategy(
+def _domain_distance(
     model: nn.Module,
     spec: ModelSpec,
     target: pd.DataFrame,
     root: Path,
     params: Params,
     device: torch.device,
-) -> StrategyChoice | None:
-    """The auto choice, printed with its reason; None for a strategy set in params.yaml."""
-    if params.finetune.strategy != "auto":
-        return None
+) -> float:
+    """``measure_domain_distance`` against the validated source manifest, printed. The global
+    RNGs are restored (a DataLoader draws its base seed from torch's), so that ``auto``
+    trains exactly what naming its choice in params.yaml trains."""
     source = read_manifest(Layout(root).validated_manifest("source"))
-    choice = measure_and_choose(model, spec, source, target, root, params, device)
+    with restored_rng(device):
+        distance = measure_domain_distance(model, spec, source, target, root, params, device)
+    print(f"finetune: proxy A-distance source -> target {distance:.2f} (information only)")
+    return distance
+
+
+def _print_choice(choice: StrategyChoice, seconds: float) -> None:
+    """Every candidate's fold scores and mean, then the choice with its reason."""
+    for candidate in choice.scores:
+        folds = ", ".join(f"{score:.3f}" for score in candidate.fold_scores)
+        print(
+            f"finetune: auto cv {candidate.strategy}: held-out macro-F1 {folds}; "
+            f"mean {candidate.mean:.3f}"
+        )
     print(f"finetune: {choice.reason}")
-    return choice
+    if choice.scores:
+        print(f"finetune: auto cross-validation took {seconds:.1f} s")
+
+
+def choose_strategy(
+    model: nn.Module,
+    spec: ModelSpec,
+    target: pd.DataFrame,
+    root: Path,
+    params: Params,
+    device: torch.device,
+    domain_distance: float,
+) -> tuple[StrategyChoice, float]:
+    """``strategy: auto``: cross-validate the strategies on the target train split from
+    ``model`` (left unchanged), print the scores and the choice; the choice and its seconds."""
+    started = time.perf_counter()
+    choice = cross_validated_choice(
+        model,
+        spec,
+        split_frame(target, "train"),
+        root,
+        params,
+        device,
+        domain_distance=domain_distance,
+    )
+    seconds = time.perf_counter() - started
+    _print_choice(choice, seconds)
+    return choice, seconds
 
 
 # --- training -------------------------------------------------------------------------------
@@ -337,10 +378,14 @@ def run_finetune(
     manifest = read_manifest(layout.validated_manifest("target"))
     _check_label_sets(spec.class_names, class_names(manifest))
     section = params.finetune
-    choice = _resolve_strategy(model, spec, manifest, root, params, device)
-    strategy = choice.strategy if choice is not None else section.strategy
+    auto = section.strategy == "auto"
+    distance = _domain_distance(model, spec, manifest, root, params, device) if auto else None
     if section.batchnorm == "reestimate":
         _adapt_batchnorm(model, spec, manifest, root, params, device)
+    choice, cv_seconds = None, 0.0
+    if distance is not None:  # the candidates start where the stage's training starts
+        choice, cv_seconds = choose_strategy(model, spec, manifest, root, params, device, distance)
+    strategy = choice.strategy if choice is not None else section.strategy
     plan = plan_finetune(model, spec.architecture, section, strategy)
     val = eval_loader(manifest, "val", root, spec, params.evaluate.batch_size, params.base.seed)
     extra_metrics: dict[str, float] = {}
@@ -385,7 +430,7 @@ def run_finetune(
         **_self_training_metrics(self_trained),
     }
     if choice is not None:
-        metrics["domain_distance"] = choice.domain_distance
+        metrics.update(choice.metrics())
     if val is not None:
         metrics["target_val_accuracy"] = accuracy(*predict_logits(model, val, device))
     model_dir = save_model_dir(model, spec, layout.model_dir("target"))
@@ -399,7 +444,7 @@ def run_finetune(
         ),
     }
     if choice is not None:
-        details["images_per_class"] = choice.images_per_class
+        details["auto_cv_seconds"] = cv_seconds
     if self_trained is not None:
         details["self_training_history"] = self_trained.history
     return StageOutcome(metrics, [metrics_path, *extra_artifacts], details)

@@ -1,28 +1,25 @@
-"""How far the target domain is from the source, and the strategy that follows from it.
+"""How far the target domain is from the source, in the space the source model's head sees.
 
-The rule of thumb for transfer learning has two inputs: how much target data there
-is and how similar it is to the source. The first is a count; the second is measured
-here as the proxy A-distance (Ben-David et al., 2007/2010) between the source
-model's penultimate-layer embeddings of the two domains: if a linear classifier
-cannot tell the domains apart in the space the head sees, the source features serve
-the target as they are, and training only the head is both enough and safest.
+The proxy A-distance (Ben-David et al., 2007/2010) between the source model's
+penultimate-layer embeddings of the two domains: if a linear classifier cannot tell the
+domains apart there, the source features look the same on both. ``strategy: auto`` used
+to choose from it (with the target's size); thresholds tuned on synthetic data picked the
+worse strategy on a real pair, so the choice is now cross-validated on the target labels
+(``roadshift.transfer.selection``) and the distance is logged as information: it says how
+large the shift is, not which strategy bridges it.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
 
-from roadshift.config import AutoStrategySection
 from roadshift.train.loop import amp_dtype
 from roadshift.train.models import head_module_name
-from roadshift.transfer.strategies import Strategy
 
 CV_FOLDS = 5
 
@@ -136,58 +133,3 @@ def proxy_a_distance(
     predicted = cross_val_predict(LogisticRegression(max_iter=2000), rows, domains, cv=splits)
     error = float(np.mean(predicted != domains))
     return float(np.clip(2.0 * (1.0 - 2.0 * error), 0.0, 2.0))
-
-
-@dataclass(frozen=True)
-class StrategyChoice:
-    """The strategy ``auto`` picked, why, and the two numbers it was picked from."""
-
-    strategy: Strategy
-    reason: str
-    domain_distance: float
-    images_per_class: float
-
-
-def _compare(value: float, limit: float) -> str:
-    return "at most" if value <= limit else "above"
-
-
-def _why_fine_tune(small: bool, similar: bool) -> str:
-    if not small and not similar:
-        return "enough data and a large shift, so the backbone adapts as well as the head"
-    if not small:
-        return "enough data to adapt the backbone without overfitting it"
-    return "a shift too large for the source features alone, so the backbone adapts as well"
-
-
-def choose_strategy(
-    images_per_class: float, distance: float, auto: AutoStrategySection
-) -> StrategyChoice:
-    """Feature extraction only for little target data that looks like the source.
-
-    Little data and a small shift: a frozen backbone cannot overfit and its features
-    already fit. Otherwise (more data, or a larger shift) the backbone is fine-tuned.
-    """
-    if not (math.isfinite(images_per_class) and math.isfinite(distance)):
-        raise ValueError(
-            f"choose_strategy needs finite numbers, got images_per_class={images_per_class} "
-            f"and distance={distance}"
-        )
-    small = images_per_class <= auto.max_images_per_class
-    similar = distance <= auto.max_domain_distance
-    facts = (
-        f"the target has {images_per_class:.1f} train images per class "
-        f"({_compare(images_per_class, auto.max_images_per_class)} "
-        f"finetune.auto.max_images_per_class = {auto.max_images_per_class:g}) and a proxy "
-        f"A-distance of {distance:.2f} to the source "
-        f"({_compare(distance, auto.max_domain_distance)} "
-        f"finetune.auto.max_domain_distance = {auto.max_domain_distance:g})"
-    )
-    if small and similar:
-        strategy: Strategy = "feature_extraction"
-        why = "little data that looks like the source, so only the head trains on frozen features"
-    else:
-        strategy = "fine_tune"
-        why = _why_fine_tune(small, similar)
-    reason = f"auto chose {strategy}: {facts}: {why}."
-    return StrategyChoice(strategy, reason, float(distance), float(images_per_class))
