@@ -373,14 +373,26 @@ def test_the_finetune_stage_records_whether_self_training_ran(pretrained_project
 
     from roadshift.layout import Layout
 
-    metrics_path = Layout(pretrained_project).metrics("finetune")
-    # auto without unlabelled images: off (measured not worth its time on train images alone)
+    layout = Layout(pretrained_project)
+    metrics_path = layout.metrics("finetune")
+    # auto with no images passed reads the project's validated unlabelled pool: on
     outcome = finetune(pretrained_project)
-    assert outcome.metrics["self_training"] == 0.0
-    assert "self_training_mask_rate" not in outcome.metrics
-    # true without unlabelled images: the target train images stand in
-    outcome = finetune(pretrained_project, enabled=True, epochs=2)
-    assert "self-training on 32 target train images" in capsys.readouterr().out
+    assert "self-training on 16 unlabelled target images" in capsys.readouterr().out
+    assert outcome.metrics["self_training"] == 1.0
+    assert outcome.metrics["self_training_unlabelled_images"] == 16.0
+    pool = layout.validated_unlabeled_manifest
+    with_pool = pool.read_text()
+    pool.write_text(with_pool.splitlines()[0] + "\n")  # an empty pool: the header alone
+    try:
+        # auto without unlabelled images: off (measured not worth its time on train images)
+        outcome = finetune(pretrained_project)
+        assert outcome.metrics["self_training"] == 0.0
+        assert "self_training_mask_rate" not in outcome.metrics
+        # true without unlabelled images: the target train images stand in
+        outcome = finetune(pretrained_project, enabled=True, epochs=2)
+        assert "self-training on 32 target train images" in capsys.readouterr().out
+    finally:
+        pool.write_text(with_pool)
     metrics = json.loads(metrics_path.read_text())
     assert metrics == pytest.approx(outcome.metrics)
     assert metrics["self_training"] == 1.0 and metrics["self_training_epochs"] == 2.0

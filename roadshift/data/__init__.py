@@ -1,0 +1,1 @@
+"""Data: synthetic domains, manifests, decoding, transforms, DVC access and versions."""
