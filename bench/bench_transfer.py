@@ -298,7 +298,6 @@ def _reused_from(
     strategy: str,
     pool: bool,
     params: Params,
-    has_val: bool,
     full_grid: bool,
 ) -> str | None:
     """The cell whose model this one would train again, bit for bit, or None.
@@ -310,9 +309,7 @@ def _reused_from(
     if strategy == "auto":
         return None
     usable = {m for m, c in cells.items() if "error" not in c}
-    runs_pool = self_training_enabled(
-        params.finetune, strategy, has_val=has_val, has_unlabelled=True
-    )
+    runs_pool = self_training_enabled(params.finetune, strategy, has_unlabelled=True)
     if pool and not runs_pool and strategy in usable:
         return strategy
     auto = "auto" + (POOL_SUFFIX if pool else "")
@@ -329,7 +326,7 @@ def _strategy_cells(
     for strategy in ("auto", "feature_extraction", "fine_tune"):
         method = strategy + (POOL_SUFFIX if pool else "")
         params = write_params(project.root, dataset, pool=pool, strategy=strategy)
-        source = _reused_from(cells, strategy, pool, params, run.has_val, full_grid)
+        source = _reused_from(cells, strategy, pool, params, full_grid)
         if source is not None:
             copied = {k: v for k, v in cells[source].items() if k not in ("cv", "reason")}
             cells[method] = {**copied, "strategy": strategy, "same_as": source}
@@ -549,12 +546,8 @@ def digits_targets(run: DatasetRun) -> list[str]:
     lines = []
     cell = run.cells.get("10", {}).get("auto" + POOL_SUFFIX, {})
     with_pool = _value(run, "10", "auto" + POOL_SUFFIX)
-    if cell.get("self_training", {}).get("self_training"):
-        ran = "self-training ran"
-    elif not run.has_val:
-        ran = "self-training did not run: enabled auto needs a target val split, the pair has none"
-    else:
-        ran = "self-training did not run"
+    ran = cell.get("self_training", {}).get("self_training")
+    ran = "self-training " + ("ran" if ran else "did not run")
     lines.append(
         f"target [digits] 10 labels/class + unlabelled rest >= 0.90 target accuracy: "
         f"{_fmt(with_pool)}{_short(with_pool, 0.90)} ({ran}): "

@@ -174,6 +174,19 @@ class AugmentSection(_Section):
     hue_saturation: int = Field(10, ge=0, le=180)
     blur_probability: float = Field(0.2, ge=0, le=1)
     noise_probability: float = Field(0.2, ge=0, le=1)
+    # Widening: changes a source domain never shows but a target may (a new colour scheme,
+    # a textured background). Off by default; pretrain turns them on in params.yaml.
+    tint_probability: float = Field(
+        0.0, ge=0, le=1, description="share of images whose channels get random gains/offsets"
+    )
+    invert_probability: float = Field(0.0, ge=0, le=1, description="share of images inverted")
+    grayscale_probability: float = Field(0.0, ge=0, le=1, description="share made grayscale")
+    texture_blend_probability: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="share of images difference-blended with a random smooth colour texture",
+    )
 
 
 class StrongAugmentSection(AugmentSection):
@@ -273,11 +286,10 @@ class SelfTrainingSection(_Section):
     enabled: bool | Literal["auto"] = Field(
         "auto",
         description="auto: with unlabelled target images, when the backbone trains (strategy "
-        "fine_tune) and a target val split exists to reject a self-trained model that is not "
-        "better; true: also on the target train images alone",
+        "fine_tune); true: also on the target train images alone",
     )
-    epochs: int = Field(30, ge=1, description="passes over the larger of labelled/unlabelled")
-    lr: float = Field(1.5e-3, gt=0, le=10, description="peak lr of every trainable parameter")
+    epochs: int = Field(60, ge=1, description="passes over the larger of labelled/unlabelled")
+    lr: float = Field(3e-3, gt=0, le=10, description="peak lr of every trainable parameter")
     confidence_threshold: float = Field(
         0.9, gt=0, le=1, description="pseudo-labels only above this confidence"
     )

@@ -6,6 +6,7 @@ Kept free of heavy imports so light stages (validate) and the flow can use it ch
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,24 @@ def write_json(path: Path, payload: Any) -> Path:
     tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n")
     tmp.replace(path)
     return path
+
+
+def write_metrics(path: Path, metrics: dict[str, Any]) -> Path:
+    """A stage's metrics file without undefined figures: NaN and infinities are left out,
+    since JSON has none (``json`` would write a bare ``NaN``, which other readers reject and
+    ``dvc metrics show`` prints as a number)."""
+    return write_json(path, finite_metrics(metrics))
+
+
+def finite_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
+    """``metrics`` less its non-finite floats (nested dicts filtered the same way)."""
+    kept: dict[str, Any] = {}
+    for key, value in metrics.items():
+        if isinstance(value, dict):
+            kept[key] = finite_metrics(value)
+        elif not (isinstance(value, float) and not math.isfinite(value)):
+            kept[key] = value
+    return kept
 
 
 def read_json(path: Path) -> dict:

@@ -409,3 +409,30 @@ def test_the_finetune_stage_records_whether_self_training_ran(pretrained_project
     # images of another size are refused with the expected shape named
     with pytest.raises(ValueError, match=r"uint8 \(N, 32, 32, 3\)"):
         finetune(pretrained_project, unlabelled_images=unlabelled[:, :16, :16], epochs=1)
+
+
+@pytest.mark.slow
+def test_without_a_target_val_split_auto_self_trains_and_keeps_its_last_epoch(pretrained_project):
+    """The normal shape of a few-label target: train and test, no val. Nothing can compare
+    epochs, so the last is kept (the register stage's baseline gates still judge it), and
+    the val accuracy is left out of the metrics file rather than written as NaN."""
+    import json
+
+    import pandas as pd
+
+    from roadshift.layout import Layout
+
+    layout = Layout(pretrained_project)
+    manifest = layout.validated_manifest("target")
+    with_val = manifest.read_text()
+    frame = pd.read_csv(manifest, dtype=str, keep_default_na=False)
+    frame[frame["split"] != "val"].to_csv(manifest, index=False)
+    try:
+        outcome = finetune(pretrained_project, epochs=2)
+    finally:
+        manifest.write_text(with_val)
+    assert outcome.metrics["self_training"] == 1.0
+    assert outcome.metrics["self_training_best_epoch"] == 2.0
+    text = layout.metrics("finetune").read_text()
+    metrics = json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} in {text}"))
+    assert "target_val_accuracy" not in metrics

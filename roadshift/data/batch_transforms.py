@@ -92,11 +92,18 @@ class TrainBatchTransform(EvalBatchTransform):
         self, images: torch.Tensor, generator: torch.Generator | None = None
     ) -> torch.Tensor:
         x = images.permute(0, 3, 1, 2).to(torch.float32).div_(255.0)
-        x = self._crop_and_rotate(x, generator)
-        x = self._colour(x, generator)
-        x = self._blur(x, generator)
-        x = self._noise(x, generator)
+        x = self._augment(x, generator)
         return x.clamp_(0.0, 1.0).sub_(self.mean).div_(self.std)
+
+    def _augment(self, x: torch.Tensor, g: torch.Generator | None) -> torch.Tensor:
+        """Float images in [0, 1] through every step, in order. A widening step whose
+        probability is 0 draws nothing, so turning none on leaves the random stream of the
+        others as it was."""
+        x = self._crop_and_rotate(x, g)
+        x = self._colour(x, g)
+        x = self._widen(x, g)
+        x = self._blur(x, g)
+        return self._noise(x, g)
 
     # -- geometry -------------------------------------------------------------------------
 
@@ -145,6 +152,52 @@ class TrainBatchTransform(EvalBatchTransform):
         offset = (brightness + value).view(n, 1, 1).expand(n, 3, 1)
         flat = torch.baddbmm(offset, matrix, x.reshape(n, 3, -1))
         return flat.view_as(x).clamp_(0.0, 1.0)
+
+    # -- widening: colours and backgrounds the source never shows ------------------------
+
+    def _widen(self, x: torch.Tensor, g: torch.Generator | None) -> torch.Tensor:
+        aug = self.augment
+        if aug.tint_probability > 0:
+            x = self._tint(x, g)
+        if aug.invert_probability > 0 or aug.grayscale_probability > 0:
+            x = self._invert_and_grayscale(x, g)
+        if aug.texture_blend_probability > 0:
+            x = self._texture_blend(x, g)
+        return x
+
+    def _tint(self, x: torch.Tensor, g: torch.Generator | None) -> torch.Tensor:
+        """Per image and channel ``x * gain + offset`` (gain 0.3-1, offset 0-0.4): grey
+        images become coloured, coloured ones take another colour scheme."""
+        n = len(x)
+        applied = _chosen(n, self.augment.tint_probability, g).view(n, 1, 1, 1)
+        gain = 0.3 + 0.7 * torch.rand((n, 3, 1, 1), generator=g)
+        offset = 0.4 * torch.rand((n, 3, 1, 1), generator=g)
+        return torch.lerp(x, (x * gain + offset).clamp_(0.0, 1.0), applied)
+
+    def _invert_and_grayscale(self, x: torch.Tensor, g: torch.Generator | None) -> torch.Tensor:
+        """Per image, ``1 - x`` and/or its luma in all three channels, as blends by 0/1
+        weights so every image takes the same ops (no gather, no branch)."""
+        n, aug = len(x), self.augment
+        invert = _chosen(n, aug.invert_probability, g).view(n, 1, 1, 1)
+        grey = _chosen(n, aug.grayscale_probability, g).view(n, 1, 1, 1)
+        x = x + invert * (1.0 - 2.0 * x)
+        luma = (LUMA.view(1, 3, 1, 1) * x).sum(dim=1, keepdim=True)
+        return x + grey * (luma - x)
+
+    def _texture_blend(self, x: torch.Tensor, g: torch.Generator | None) -> torch.Tensor:
+        """``|x - texture|`` per channel, the difference blend MNIST-M puts digits into
+        photographs with, against a random smooth colour texture (two octaves of value
+        noise, 4x4 and 8x8 cells, bilinearly upsampled): a stand-in for the backgrounds of
+        a photographed target that needs no target image."""
+        n, size = len(x), x.shape[-1]
+        applied = _chosen(n, self.augment.texture_blend_probability, g).view(n, 1, 1, 1)
+        texture = torch.zeros_like(x)
+        for cells, weight in ((4, 0.65), (8, 0.35)):
+            coarse = torch.rand((n, 3, cells, cells), generator=g)
+            texture += weight * F.interpolate(
+                coarse, size=(size, size), mode="bilinear", align_corners=False
+            )
+        return torch.lerp(x, (x - texture).abs_(), applied)
 
     # -- blur and noise -------------------------------------------------------------------
 
@@ -196,27 +249,8 @@ class StrongBatchTransform(TrainBatchTransform):
         super().__init__(image_size, mean, std, augment)
         self.strong = augment
 
-    def __call__(
-        self, images: torch.Tensor, generator: torch.Generator | None = None
-    ) -> torch.Tensor:
-        x = images.permute(0, 3, 1, 2).to(torch.float32).div_(255.0)
-        x = self._crop_and_rotate(x, generator)
-        x = self._colour(x, generator)
-        x = self._invert_and_grayscale(x, generator)
-        x = self._blur(x, generator)
-        x = self._noise(x, generator)
-        x = self._cutout(x, generator)
-        return x.clamp_(0.0, 1.0).sub_(self.mean).div_(self.std)
-
-    def _invert_and_grayscale(self, x: torch.Tensor, g: torch.Generator | None) -> torch.Tensor:
-        """Per image, ``1 - x`` and/or its luma in all three channels, as blends by 0/1
-        weights so every image takes the same ops (no gather, no branch)."""
-        n = len(x)
-        invert = _chosen(n, self.strong.invert_probability, g).view(n, 1, 1, 1)
-        grey = _chosen(n, self.strong.grayscale_probability, g).view(n, 1, 1, 1)
-        x = x + invert * (1.0 - 2.0 * x)
-        luma = (LUMA.view(1, 3, 1, 1) * x).sum(dim=1, keepdim=True)
-        return x + grey * (luma - x)
+    def _augment(self, x: torch.Tensor, g: torch.Generator | None) -> torch.Tensor:
+        return self._cutout(super()._augment(x, g), g)
 
     def _cutout(self, x: torch.Tensor, g: torch.Generator | None) -> torch.Tensor:
         """One mid-grey square per image, side uniform in 0..``cutout_fraction`` of the

@@ -37,7 +37,7 @@ from roadshift.evaluate.metrics import (
     worst_mistakes,
 )
 from roadshift.evaluate.report import ReportInputs
-from roadshift.jsonio import write_json
+from roadshift.jsonio import write_json, write_metrics
 from roadshift.layout import Layout
 from roadshift.stages.outcome import StageOutcome
 from roadshift.stages.scratch import scratch_enabled
@@ -263,7 +263,7 @@ def run_evaluate(params: Params, root: Path) -> StageOutcome:
         finetuned_source=finetuned_source,
     )
     artifacts = [
-        write_json(layout.metrics("evaluate"), metrics),
+        write_metrics(layout.metrics("evaluate"), metrics),
         write_json(layout.metrics_dir / "evaluate_per_class.json", finetuned.report.per_class),
         write_confusion_csv(layout.plots_dir / "confusion_target.csv", finetuned.report),
         write_per_class_csv(layout.plots_dir / "per_class_target.csv", finetuned.report),

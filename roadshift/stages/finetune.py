@@ -10,8 +10,8 @@ each strategy trains is planned in ``roadshift.transfer``; this stage wires data
 loop together.
 
 After fine-tuning, ``finetune.self_training`` adapts the model to unlabelled target images
-(``roadshift.transfer.self_training``: FixMatch/AdaMatch-style pseudo-labels),
-keeping the self-trained weights only if they do better on the target val split. The
+(``roadshift.transfer.self_training``: FixMatch/AdaMatch-style pseudo-labels); with a
+target val split, the self-trained weights are kept only if they do better on it. The
 unlabelled images are ``run_finetune``'s ``unlabelled_images``; without them, the target
 train images stand in, their labels unused by the unlabelled loss.
 """
@@ -31,7 +31,7 @@ from roadshift.data.batch_transforms import create_batch_transform
 from roadshift.data.dataset import ManifestDataset, split_frame
 from roadshift.data.decoded import decoded_images
 from roadshift.data.manifest import class_names, read_manifest, read_unlabeled_manifest
-from roadshift.jsonio import write_json
+from roadshift.jsonio import write_metrics
 from roadshift.layout import Layout
 from roadshift.stages.outcome import StageOutcome
 from roadshift.train.distributed import current_group
@@ -272,12 +272,12 @@ def _adapt_batchnorm(
 # --- self-training on unlabelled target images ----------------------------------------------
 
 
-def self_training_enabled(
-    section: FinetuneSection, strategy: str, *, has_val: bool, has_unlabelled: bool
-) -> bool:
+def self_training_enabled(section: FinetuneSection, strategy: str, *, has_unlabelled: bool) -> bool:
     """``self_training.enabled``; ``auto``: with unlabelled target images beyond the train
     split, when the backbone trains (``fine_tune``: feature extraction promises an untouched
-    backbone) and a val split can reject a self-trained model that is no better.
+    backbone). A target val split, where there is one, guards the result (the best epoch is
+    kept, the fine-tuned model included); without one the last epoch is kept, and the
+    register stage's baseline gates still stand between it and production.
 
     Without unlabelled images, auto stays off: on the synthetic data, self-training on the
     96 target train images alone gained 1-2 points of target test accuracy (within the
@@ -288,7 +288,7 @@ def self_training_enabled(
     setting = section.self_training.enabled
     if setting != "auto":
         return bool(setting)
-    return strategy == "fine_tune" and has_val and has_unlabelled
+    return strategy == "fine_tune" and has_unlabelled
 
 
 def _self_train(
@@ -400,7 +400,6 @@ def run_finetune(
     if self_training_enabled(
         section,
         strategy,
-        has_val=val is not None,
         has_unlabelled=unlabelled_images is not None and len(unlabelled_images) > 0,
     ):
         finished = len(result.history)
@@ -424,17 +423,16 @@ def run_finetune(
         return StageOutcome({})  # rank 0 alone writes the model and metrics
     metrics = {
         "best_epoch": float(result.best_epoch),
-        "target_val_accuracy": result.best_val_accuracy,
         "trainable_parameters": float(plan.trainable_parameter_count(len(result.history) or 1)),
         **extra_metrics,
         **_self_training_metrics(self_trained),
     }
     if choice is not None:
         metrics.update(choice.metrics())
-    if val is not None:
+    if val is not None:  # no val split: no val accuracy (left out, never NaN)
         metrics["target_val_accuracy"] = accuracy(*predict_logits(model, val, device))
     model_dir = save_model_dir(model, spec, layout.model_dir("target"))
-    metrics_path = write_json(layout.metrics("finetune"), metrics)
+    metrics_path = write_metrics(layout.metrics("finetune"), metrics)
     details = {
         "model_dir": model_dir,
         "history": result.history,

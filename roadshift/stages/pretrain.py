@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from roadshift.config import Params
-from roadshift.jsonio import write_json
+from roadshift.jsonio import write_metrics
 from roadshift.layout import Layout
 from roadshift.stages.outcome import StageOutcome
 from roadshift.train.distributed import current_group
@@ -46,7 +46,7 @@ def run_pretrain(
     if test is not None:
         metrics["source_test_accuracy"] = accuracy(*predict_logits(model, test, device))
     model_dir = save_model_dir(model, spec, layout.model_dir("source"))
-    metrics_path = write_json(layout.metrics("pretrain"), metrics)
+    metrics_path = write_metrics(layout.metrics("pretrain"), metrics)
     return StageOutcome(
         metrics,
         [metrics_path, *trained.lr_choice.artifacts],

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 from roadshift.config import Params
-from roadshift.jsonio import write_json
+from roadshift.jsonio import write_json, write_metrics
 from roadshift.layout import Layout
 from roadshift.stages.outcome import StageOutcome
 from roadshift.train.distributed import current_group
@@ -66,7 +66,7 @@ def run_scratch(
         **trained.lr_choice.metrics,
     }
     saved = save_model_dir(trained.model, trained.spec, model_dir)
-    metrics_path = write_json(layout.metrics("scratch"), metrics)
+    metrics_path = write_metrics(layout.metrics("scratch"), metrics)
     return StageOutcome(
         metrics,
         [metrics_path, *trained.lr_choice.artifacts],

@@ -35,7 +35,7 @@ from roadshift.data.manifest import (
     read_manifest,
     scan_image_folder,
 )
-from roadshift.jsonio import write_json
+from roadshift.jsonio import write_json, write_metrics
 from roadshift.layout import Layout
 from roadshift.stages.validation_report import write_html_report
 
@@ -702,7 +702,7 @@ def run_validate(params: Params, root: Path) -> ValidationSummary:
     artifacts.append(write_json(layout.validation_dir / "summary.json", _plain(summary)))
     artifacts.append(write_html_report(layout.validation_dir / "index.html", _plain(summary)))
     metrics = {"images": images, "classes": len(labels), "success": int(success)}
-    artifacts.append(write_json(layout.metrics("validate"), metrics))
+    artifacts.append(write_metrics(layout.metrics("validate"), metrics))
     if failures:
         raise DataValidationError(failures, layout.validation_dir)
     for domain in (*DOMAINS, UNLABELED_POOL):
