@@ -24,7 +24,7 @@ def grey_digits(count: int = 6) -> torch.Tensor:
     """White strokes on black, grey as RGB: the shape of a scanned-digit source."""
     images = torch.zeros((count, SIZE, SIZE, 3), dtype=torch.uint8)
     for index in range(count):
-        images[index, 3 : 13, 4 + index % 4 : 7 + index % 4] = 255
+        images[index, 3:13, 4 + index % 4 : 7 + index % 4] = 255
     return images
 
 
@@ -64,7 +64,9 @@ def test_tint_turns_grey_images_into_coloured_ones():
 def test_inversion_swaps_ink_and_background():
     images = grey_digits()
     torch.testing.assert_close(
-        pixels(only(invert_probability=1.0), images), 1.0 - pixels(only(), images), atol=1e-5,
+        pixels(only(invert_probability=1.0), images),
+        1.0 - pixels(only(), images),
+        atol=1e-5,
         rtol=0,
     )
 
