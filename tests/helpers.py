@@ -28,6 +28,17 @@ from roadshift.train.loaders import make_loader
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
+AUGMENT_BASICS_OFF = dict(
+    scale_min=1.0,
+    rotate_limit=0,
+    brightness_contrast=0.0,
+    hue_saturation=0,
+    blur_probability=0.0,
+    noise_probability=0.0,
+)
+"""An augment section's crop, rotation, colour jitter, blur and noise all off, so a test sees
+one augmentation alone."""
+
 # What a project checkout needs for `dvc repro`: the pipeline definition and the
 # stage sources that dvc.yaml lists as dependencies.
 PROJECT_FILES = ("dvc.yaml", ".dvcignore", ".gitignore", ".dvc/config", ".dvc/.gitignore")

@@ -31,7 +31,7 @@ from roadshift.transfer.self_training import (
     augmented_views,
     self_train,
 )
-from tests.helpers import PROJECT_ROOT
+from tests.helpers import AUGMENT_BASICS_OFF, PROJECT_ROOT
 
 CPU = torch.device("cpu")
 SIZE = 24
@@ -290,12 +290,7 @@ def test_self_training_trains_only_what_requires_grad(domains):
 def only(**values) -> StrongAugmentSection:
     """A strong augmentation with everything off but ``values``."""
     off = dict(
-        scale_min=1.0,
-        rotate_limit=0,
-        brightness_contrast=0.0,
-        hue_saturation=0,
-        blur_probability=0.0,
-        noise_probability=0.0,
+        **AUGMENT_BASICS_OFF,
         invert_probability=0.0,
         grayscale_probability=0.0,
         cutout_fraction=0.0,

@@ -7,17 +7,10 @@ import torch
 
 from roadshift.config import AugmentSection
 from roadshift.data.batch_transforms import create_batch_transform
+from tests.helpers import AUGMENT_BASICS_OFF
 
 SIZE = 16
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
-GEOMETRY_AND_COLOUR_OFF = dict(
-    scale_min=1.0,
-    rotate_limit=0,
-    brightness_contrast=0.0,
-    hue_saturation=0,
-    blur_probability=0.0,
-    noise_probability=0.0,
-)
 
 
 def grey_digits(count: int = 6) -> torch.Tensor:
@@ -36,7 +29,7 @@ def pixels(augment: AugmentSection, images: torch.Tensor, seed: int = 0) -> torc
 
 
 def only(**values: float) -> AugmentSection:
-    return AugmentSection(**GEOMETRY_AND_COLOUR_OFF, **values)
+    return AugmentSection(**AUGMENT_BASICS_OFF, **values)
 
 
 def test_widening_is_off_by_default_and_leaves_the_other_augmentations_draws_as_they_were():
