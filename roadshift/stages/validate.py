@@ -201,27 +201,7 @@ def _images_expectations(
     e = gx.expectations
     required_splits = sorted(set(cfg.require_splits) | ({"test"} if domain == "target" else set()))
     return [
-        *(
-            e.ExpectColumnToExist(
-                column=column,
-                meta={
-                    "check": "columns",
-                    "hint": "re-run the prepare stage to rebuild the manifest",
-                },
-            )
-            for column in MANIFEST_COLUMNS
-        ),
-        *(
-            e.ExpectColumnValuesToNotBeNull(
-                column=column,
-                meta={"check": "nulls", "hint": "re-run the prepare stage to rebuild the manifest"},
-            )
-            for column in ("path", "label", "split", "sha256", "width", "height")
-        ),
-        e.ExpectColumnValuesToBeUnique(
-            column="path",
-            meta={"check": "unique_paths", "hint": "re-run the prepare stage"},
-        ),
+        *_manifest_shape_expectations(gx, ("path", "label", "split", "sha256", "width", "height")),
         e.ExpectColumnValuesToBeInSet(
             column="domain",
             value_set=[domain],
@@ -259,6 +239,27 @@ def _images_expectations(
             },
         ),
         _files_exist_expectation(gx),
+    ]
+
+
+def _manifest_shape_expectations(gx: Any, required: Sequence[str]) -> list[Any]:
+    """What any manifest prepare wrote has: every column, no gaps in ``required``, each path
+    once. A failure here means the manifest, not the images, is at fault."""
+    e = gx.expectations
+    hint = "re-run the prepare stage to rebuild the manifest"
+    return [
+        *(
+            e.ExpectColumnToExist(column=column, meta={"check": "columns", "hint": hint})
+            for column in MANIFEST_COLUMNS
+        ),
+        *(
+            e.ExpectColumnValuesToNotBeNull(column=column, meta={"check": "nulls", "hint": hint})
+            for column in required
+        ),
+        e.ExpectColumnValuesToBeUnique(
+            column="path",
+            meta={"check": "unique_paths", "hint": "re-run the prepare stage"},
+        ),
     ]
 
 
@@ -328,27 +329,7 @@ def _unlabeled_expectations(
     e = gx.expectations
     where = pool_path.as_posix() if pool_path is not None else "data.target.unlabeled_path"
     return [
-        *(
-            e.ExpectColumnToExist(
-                column=column,
-                meta={
-                    "check": "columns",
-                    "hint": "re-run the prepare stage to rebuild the manifest",
-                },
-            )
-            for column in MANIFEST_COLUMNS
-        ),
-        *(
-            e.ExpectColumnValuesToNotBeNull(
-                column=column,
-                meta={"check": "nulls", "hint": "re-run the prepare stage to rebuild the manifest"},
-            )
-            for column in ("path", "split", "sha256", "width", "height")
-        ),
-        e.ExpectColumnValuesToBeUnique(
-            column="path",
-            meta={"check": "unique_paths", "hint": "re-run the prepare stage"},
-        ),
+        *_manifest_shape_expectations(gx, ("path", "split", "sha256", "width", "height")),
         e.ExpectColumnValuesToBeInSet(
             column="domain",
             value_set=["target"],
