@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from roadshift.config import ConfigError, Params, load_params
+from roadshift.errors import RoadshiftError
 
 OFFLINE_ENV = {
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
@@ -31,27 +32,7 @@ STAGES = ("prepare", "validate", "pretrain", "finetune", "scratch", "evaluate", 
 
 def _expected_errors() -> tuple[type[BaseException], ...]:
     """Errors that mean bad input, shown as one clear message instead of a traceback."""
-    from roadshift.data.manifest import CorruptImageError
-    from roadshift.registry.lock import PromotionError
-    from roadshift.registry.reproduce import ReproductionError
-    from roadshift.stages.finetune import LabelSetMismatchError
-    from roadshift.stages.validate import DataValidationError
-    from roadshift.tracking import TrackingUnavailableError
-    from roadshift.train.loop import TrainingDivergedError
-    from roadshift.train.models import WeightsError
-
-    return (
-        ConfigError,
-        CorruptImageError,
-        DataValidationError,
-        LabelSetMismatchError,
-        PromotionError,
-        ReproductionError,
-        TrackingUnavailableError,
-        TrainingDivergedError,
-        WeightsError,
-        FileNotFoundError,
-    )
+    return (RoadshiftError, FileNotFoundError)
 
 
 def command_stage(args: argparse.Namespace) -> int:

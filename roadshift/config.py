@@ -15,13 +15,15 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from roadshift.errors import RoadshiftError
+
 DOMAINS: tuple[str, str] = ("source", "target")
 Domain = Literal["source", "target"]
 Split = Literal["train", "val", "test"]
 SPLITS: tuple[str, str, str] = ("train", "val", "test")
 
 
-class ConfigError(ValueError):
+class ConfigError(RoadshiftError, ValueError):
     """A params file that cannot be used, with every problem named by its key."""
 
 

@@ -20,6 +20,7 @@ import yaml
 from mlflow.entities import LifecycleStage
 
 from roadshift.config import Params, TrackingSection, params_to_dict
+from roadshift.errors import RoadshiftError
 from roadshift.layout import TRACKING_URI_ENV, Layout, resolve_tracking_uri
 
 PARENT_RUN_ENV = "ROADSHIFT_PARENT_RUN_ID"
@@ -29,7 +30,7 @@ BACKOFF_ENV = "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"
 TIMEOUT_ENV = "MLFLOW_HTTP_REQUEST_TIMEOUT"
 
 
-class TrackingUnavailableError(RuntimeError):
+class TrackingUnavailableError(RoadshiftError, RuntimeError):
     """The tracking server stopped answering and MLflow's bounded retries ran out."""
 
 

@@ -11,6 +11,7 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact
 
 from roadshift.config import DOMAINS
+from roadshift.errors import RoadshiftError
 from roadshift.layout import Layout
 from tasks.dvc import StageRun
 
@@ -21,7 +22,7 @@ EVALUATION_MLFLOW_DIR = "evaluation"
 _RELATIVE_PNG_LINK = re.compile(r"\]\(([\w.-]+\.png)\)")
 
 
-class ValidationGateError(RuntimeError):
+class ValidationGateError(RoadshiftError, RuntimeError):
     """Validation failed: the flow stops before training and leaves the registry alone."""
 
 

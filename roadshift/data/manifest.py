@@ -35,6 +35,7 @@ import pandas as pd
 from PIL import Image, UnidentifiedImageError
 from PIL import ImageFile as PilImageFile
 
+from roadshift.errors import RoadshiftError
 from roadshift.config import SPLITS, PrepareSection, SplitFractions
 from roadshift.data.images import formats_for_extensions, rejected_mode_reason
 
@@ -65,7 +66,7 @@ class ImageProblem:
     reason: str
 
 
-class CorruptImageError(ValueError):
+class CorruptImageError(RoadshiftError, ValueError):
     """Image files that fail the integrity rules; the message lists every one of them."""
 
     def __init__(self, path: Path, reason: str, more: Sequence[ImageProblem] = ()) -> None:
@@ -80,7 +81,7 @@ class CorruptImageError(ValueError):
         return cls(first.path, first.reason, rest)
 
 
-class DatasetLayoutError(FileNotFoundError):
+class DatasetLayoutError(RoadshiftError, FileNotFoundError):
     """A data folder that does not hold images in an ImageFolder layout.
 
     A FileNotFoundError so that callers which treat missing inputs as user errors (the CLI)

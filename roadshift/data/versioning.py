@@ -12,13 +12,14 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from roadshift.errors import RoadshiftError
 from roadshift.config import SPLITS, Params
 from roadshift.data.dvc_repo import open_repo
 from roadshift.layout import Layout
 from roadshift.data.dvc_repo import dvc_data_version
 
 
-class UnknownClassError(ValueError):
+class UnknownClassError(RoadshiftError, ValueError):
     """Incoming images name classes the domain does not have."""
 
 

@@ -15,12 +15,14 @@ from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
+from roadshift.errors import RoadshiftError
+
 DEFAULT_LOCK_TIMEOUT_S = 600.0
 
 
 # Defined beside the lock, the lowest module that raises it (a wait that times out); the
 # promoters in roadshift.registry.aliases raise it too.
-class PromotionError(ValueError):
+class PromotionError(RoadshiftError, ValueError):
     """An expected refusal to act (unknown version, no previous champion, missing reason):
     the CLI shows it as one line and exits 2."""
 

@@ -27,6 +27,7 @@ import yaml
 
 from roadshift.config import DOMAINS, UNLABELED_POOL, Params, params_to_dict, parse_params
 from roadshift.data.dvc_repo import UNKNOWN, remote_option
+from roadshift.errors import RoadshiftError
 from roadshift.jsonio import read_json
 from roadshift.layout import Layout
 from roadshift.registry.lineage import params_hash, sha256_file
@@ -35,7 +36,7 @@ RESOLVED_PARAMS_ARTIFACT = "resolved_params.json"
 REPRODUCES_TAG = "roadshift.reproduces"
 
 
-class ReproductionError(RuntimeError):
+class ReproductionError(RoadshiftError, RuntimeError):
     """The recorded lineage cannot be restored (commit, data version or params missing)."""
 
 

@@ -23,6 +23,7 @@ import pandas as pd
 from PIL import Image, UnidentifiedImageError
 
 from roadshift.data.images import to_rgb
+from roadshift.errors import RoadshiftError
 
 # The alias the register stage promotes to. roadshift.registry.tags holds constants only: it
 # pulls in neither torch nor the model code, which prediction never needs.
@@ -42,7 +43,7 @@ OnSkip = Callable[[Path, str], None]
 OnBatch = Callable[[int], None]
 
 
-class PredictError(Exception):
+class PredictError(RoadshiftError):
     """A prediction request that cannot be served; the message says what to do about it."""
 
 

@@ -31,6 +31,7 @@ from roadshift.data.batch_transforms import create_batch_transform
 from roadshift.data.dataset import ManifestDataset, split_frame
 from roadshift.data.decoded import decoded_images
 from roadshift.data.manifest import class_names, read_manifest, read_unlabeled_manifest
+from roadshift.errors import RoadshiftError
 from roadshift.jsonio import write_metrics
 from roadshift.layout import Layout
 from roadshift.stages.outcome import StageOutcome
@@ -65,7 +66,7 @@ from roadshift.transfer.self_training import (
 from roadshift.transfer.strategies import FinetunePlan, plan_finetune, reestimate_batchnorm
 
 
-class LabelSetMismatchError(ValueError):
+class LabelSetMismatchError(RoadshiftError, ValueError):
     """The target classes differ from the ones the source model learned."""
 
 

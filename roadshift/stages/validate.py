@@ -35,6 +35,7 @@ from roadshift.data.manifest import (
     read_manifest,
     scan_image_folder,
 )
+from roadshift.errors import RoadshiftError
 from roadshift.jsonio import write_json, write_metrics
 from roadshift.layout import Layout
 from roadshift.stages.validation_report import write_html_report
@@ -49,7 +50,7 @@ SHARE_COLUMN = "share_of_images"
 WITHIN_BOUNDS_COLUMN = "share_within_bounds"
 
 
-class DataValidationError(ValueError):
+class DataValidationError(RoadshiftError, ValueError):
     """The data failed validation; the message has one line per failed check."""
 
     def __init__(self, failures: Sequence[str], report_dir: Path) -> None:

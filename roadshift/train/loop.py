@@ -27,6 +27,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from roadshift.config import BaseSection
+from roadshift.errors import RoadshiftError
 from roadshift.train.checkpoints import Checkpointing
 from roadshift.train.distributed import current_group, init_distributed
 from roadshift.train.loaders import make_loader, set_loader_epoch
@@ -39,7 +40,7 @@ EpochHook = Callable[[nn.Module, int], None]
 __all__ = ["make_loader"]  # re-exported: stages build loaders from here
 
 
-class TrainingDivergedError(RuntimeError):
+class TrainingDivergedError(RoadshiftError, RuntimeError):
     """The loss became NaN or infinite; continuing would only corrupt the weights."""
 
 

@@ -17,6 +17,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from roadshift.errors import RoadshiftError
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 BATCHNORM_MOMENTUM = 0.1
@@ -51,7 +53,7 @@ _MIN_FEATURE_MAP_SIDE = 2
 BATCHNORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
 
-class WeightsError(RuntimeError):
+class WeightsError(RoadshiftError, RuntimeError):
     """Initial weights that cannot be found or do not fit the backbone."""
 
 
