@@ -21,7 +21,7 @@ from prefect.runtime import flow_run
 from roadshift.config import Params, load_params, params_to_dict
 from roadshift.jsonio import read_json
 from roadshift.layout import Layout
-from roadshift.registry.lineage import lineage_tags
+from roadshift.registry.lineage import lineage_tags, uncommitted_dvc_files
 from roadshift.tracking import PARENT_RUN_ENV
 from tasks.dvc import StageRun, push_to_remote, version_data
 from tasks.registry import register
@@ -63,6 +63,7 @@ def _run_stages(root: Path, mlflow_run_id: str, reports: list[PrefectFuture]) ->
     for name, stage_task in STAGE_TASKS.items():
         try:
             runs.append(stage_task(root, name))
+            announce(f"{name}: {runs[-1].status} ({runs[-1].seconds:.1f} s)")
         except Exception as error:
             if name != "validate":
                 raise
@@ -80,7 +81,14 @@ def _run_stages(root: Path, mlflow_run_id: str, reports: list[PrefectFuture]) ->
     return runs
 
 
-@flow(name="training-pipeline", log_prints=True)
+def announce(message: str) -> None:
+    """A line for the person at the console and for the flow run's log in the Prefect UI
+    (the console shows only Prefect's warnings: roadshift.console)."""
+    print(message, flush=True)
+    get_run_logger().info(message)
+
+
+@flow(name="training-pipeline")
 def training_pipeline(root: str = ".") -> PipelineResult:
     import mlflow
 
@@ -95,7 +103,10 @@ def training_pipeline(root: str = ".") -> PipelineResult:
     params: Params = load_params(root_path / "params.yaml")
     tracking_uri = resolve_tracking_uri(params.tracking, root_path)
     data_versions = version_data(root_path, params)
-    get_run_logger().info("data versions: %s", data_versions)
+    announce(
+        "data versions: "
+        + ", ".join(f"{name} {version[:8]}" for name, version in data_versions.items())
+    )
 
     prefect_tags = {"prefect.flow_run_id": str(flow_run.get_id() or "")}
     tags = {**lineage_tags(params, root_path, prefect_tags), "roadshift.stage": "pipeline"}
@@ -126,6 +137,8 @@ def training_pipeline(root: str = ".") -> PipelineResult:
         promotion=registration.reason,
         mlflow_run_id=parent.info.run_id,
         target_description=params.data.target.description,
+        flow_run_name=str(flow_run.get_name() or ""),
+        uncommitted_dvc_files=uncommitted_dvc_files(root_path),
     )
     create_markdown_artifact(
         summary_markdown(result), key="training-summary", description="roadshift pipeline run"

@@ -9,10 +9,17 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 
 from roadshift.config import ConfigError, Params, load_params
+from roadshift.console import (
+    VERBOSE_ENV,
+    quiet_flow_console,
+    set_library_verbosity,
+    verbose_requested,
+)
 from roadshift.errors import RoadshiftError
 
 OFFLINE_ENV = {
@@ -36,11 +43,22 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
 
 
 def command_stage(args: argparse.Namespace) -> int:
+    from roadshift.stages.failures import clear_stage_failure, record_stage_failure
     from roadshift.stages.runner import run_stage_command
+    from roadshift.tracking import PARENT_RUN_ENV
 
     root = Path(args.root).resolve()
-    params = load_params(root / args.params, args.set)
-    return run_stage_command(args.name, params, root, args.argv)
+    clear_stage_failure(root, args.name)
+    try:
+        params = load_params(root / args.params, args.set)
+        return run_stage_command(args.name, params, root, args.argv)
+    except RoadshiftError as error:
+        record_stage_failure(root, args.name, error)
+        if not os.environ.get(PARENT_RUN_ENV):  # run by `dvc repro` or by hand
+            raise
+        if verbose_requested(args.verbose):
+            traceback.print_exc()
+        return 2  # the pipeline shows the message, once, as its final one
 
 
 def command_run(args: argparse.Namespace) -> int:
@@ -53,6 +71,8 @@ def command_run(args: argparse.Namespace) -> int:
 
     from flows.pipeline import training_pipeline
 
+    if not verbose_requested(args.verbose):
+        quiet_flow_console()
     training_pipeline(root=str(root))
     return 0
 
@@ -328,10 +348,25 @@ def command_reproduce(args: argparse.Namespace) -> int:
     return 0 if reproduction.identical else 1
 
 
+class _CommandParser(argparse.ArgumentParser):
+    """Every subcommand takes ``--verbose`` too, so it may come after the command's name."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.add_argument(
+            "--verbose", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS
+        )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="roadshift", description=__doc__.splitlines()[0])
     parser.add_argument("--root", default=".", help="project root (holds params.yaml, dvc.yaml)")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        help=f"show library logs and the tracebacks of expected errors (also {VERBOSE_ENV}=1)",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_CommandParser)
 
     run = sub.add_parser("run", help="run the whole training pipeline as a Prefect flow")
     run.set_defaults(handler=command_run)
@@ -426,14 +461,13 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 2
     try:
         return handler(args)
-    except ConfigError as error:
+    except _expected_errors() as error:
+        if verbose_requested(args.verbose):
+            traceback.print_exc()
         print(f"roadshift: {error}", file=sys.stderr)
+        if not verbose_requested(args.verbose):
+            print(f"(--verbose or {VERBOSE_ENV}=1 shows the traceback)", file=sys.stderr)
         return 2
-    except Exception as error:
-        if isinstance(error, _expected_errors()):
-            print(f"roadshift: {type(error).__name__}: {error}", file=sys.stderr)
-            return 2
-        raise
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -441,6 +475,7 @@ def main(argv: list[str] | None = None) -> int:
     for key, value in OFFLINE_ENV.items():
         os.environ.setdefault(key, value)
     args = build_parser().parse_args(argv)
+    set_library_verbosity(verbose_requested(args.verbose))
     args.argv = list(sys.argv[1:] if argv is None else argv)  # to relaunch under torchrun
     return _dispatch(args)
 

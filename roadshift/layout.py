@@ -72,6 +72,11 @@ class Layout:
         """Decoded uint8 image arrays (``roadshift.data.decoded``); rebuilt when missing."""
         return self.root / ".roadshift" / "cache" / "decoded"
 
+    def stage_failure(self, stage: str) -> Path:
+        """Why a stage command last stopped on an expected error, for the flow that ran it
+        through DVC (DVC reports only "failed to reproduce"); removed when the stage starts."""
+        return self.root / ".roadshift" / "stage-failures" / f"{stage}.json"
+
     @property
     def mlflow_dir(self) -> Path:
         return self.root / "mlruns"

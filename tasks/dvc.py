@@ -18,6 +18,7 @@ from prefect import task
 from roadshift.config import Params
 from roadshift.data.dvc_repo import chosen_remote, domain_folders, dvc_data_version, open_repo
 from roadshift.layout import Layout
+from roadshift.stages.failures import clear_stage_failure, recorded_stage_failure
 
 
 @dataclass(frozen=True)
@@ -65,9 +66,16 @@ def version_data(root: Path, params: Params) -> dict[str, str]:
 def reproduce_stage(root: Path, stage: str) -> StageRun:
     """``dvc repro <stage>``: runs the stage's command if its deps, params or outs changed."""
     _stage_environment(root)
+    clear_stage_failure(root, stage)  # what a run before this one left
     started = time.perf_counter()
-    with open_repo(root) as repo:
-        reproduced = repo.reproduce(targets=[stage], single_item=True)
+    try:
+        with open_repo(root) as repo:
+            reproduced = repo.reproduce(targets=[stage], single_item=True)
+    except Exception as error:
+        failure = recorded_stage_failure(root, stage)
+        if failure is None:  # not an expected failure: keep DVC's error and its traceback
+            raise
+        raise failure from error
     return StageRun(stage, ran=bool(reproduced), seconds=time.perf_counter() - started)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from prefect import task
@@ -159,6 +159,8 @@ class PipelineResult:
     promotion: str
     mlflow_run_id: str
     target_description: str = "target domain"
+    flow_run_name: str = ""
+    uncommitted_dvc_files: list[str] = field(default_factory=list)
 
 
 # (label, fine-tuned, source-only, scratch) metric keys, all on the target test split
@@ -227,8 +229,15 @@ def print_summary(result: PipelineResult) -> None:
     console.print(table)
     console.print(_domain_gap_line(result.metrics))
     console.print(_gain_line(result.metrics))
-    for run in result.stages:
-        console.print(f"  {run.stage:<9} {run.status} ({run.seconds:.1f} s)")
     console.print(
         f"Model version {result.model_version}: aliases {result.aliases}; {result.promotion}"
     )
+    console.print(
+        f"MLflow run {result.mlflow_run_id} (make mlflow-ui); "
+        f"Prefect flow run '{result.flow_run_name}' (make prefect-ui)"
+    )
+    if result.uncommitted_dvc_files:
+        console.print(
+            "To record this run's data and model versions in git: "
+            f"git add {' '.join(result.uncommitted_dvc_files)} && git commit"
+        )

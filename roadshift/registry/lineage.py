@@ -48,6 +48,13 @@ def git_is_dirty(root: Path) -> bool:
     return bool(status)
 
 
+def uncommitted_dvc_files(root: Path) -> list[str]:
+    """DVC's pointer and lock files that differ from HEAD (or are new): committing them
+    records which data and models a run used. Empty outside git."""
+    status = _git(root, "status", "--porcelain", "--", "dvc.lock", "*.dvc")
+    return [line[3:] for line in (status or "").splitlines() if line[3:]]
+
+
 def params_hash(params: Params) -> str:
     """sha256 of the params as canonical JSON: equal params give an equal hash, however written."""
     canonical = json.dumps(params_to_dict(params), sort_keys=True, separators=(",", ":"))

@@ -13,6 +13,7 @@ import subprocess
 from pathlib import Path
 
 from roadshift.config import Params
+from roadshift.layout import Layout
 from roadshift.stages.outcome import StageOutcome
 
 TRAINING_STAGES = ("pretrain", "finetune", "scratch")
@@ -29,12 +30,29 @@ def run_stage(name: str, params: Params, root: Path, on_epoch_end=None) -> Stage
     return stage_function(params, root)
 
 
-def print_metrics(outcome: object) -> None:
-    metrics = getattr(outcome, "metrics", None)
-    if metrics:
-        width = max(len(key) for key in metrics)
-        for key, value in sorted(metrics.items()):
-            print(f"  {key:<{width}}  {value:.4f}")
+# The figures a person reads at the console as a stage ends; all of them are in
+# metrics/<stage>.json, MLflow and `dvc metrics show`.
+HEADLINE_METRICS = {
+    "validate": ("source_total_images", "target_total_images", "target_unlabeled_total_images"),
+    "pretrain": ("source_test_accuracy", "best_epoch"),
+    "finetune": ("target_val_accuracy", "best_epoch"),
+    "scratch": ("scratch_val_accuracy", "best_epoch"),
+    "evaluate": ("target_accuracy", "target_macro_f1"),
+}
+
+
+def headline(name: str, metrics: dict[str, float], root: Path) -> str | None:
+    shown = [key for key in HEADLINE_METRICS.get(name, ()) if key in metrics]
+    if not shown:
+        return None
+    figures = ", ".join(f"{key} {metrics[key]:.4g}" for key in shown)
+    return f"{name}: {figures} (all: {Layout(root).metrics(name).relative_to(root)})"
+
+
+def print_headline(name: str, outcome: object, root: Path) -> None:
+    line = headline(name, getattr(outcome, "metrics", None) or {}, root)
+    if line:
+        print(line)
 
 
 def run_stage_command(name: str, params: Params, root: Path, argv: list[str]) -> int:
@@ -74,7 +92,7 @@ def run_stage_command(name: str, params: Params, root: Path, argv: list[str]) ->
             with stage_run(name, params, root):
                 outcome = run_stage(name, params, root, on_epoch_end=MetricLogger())
                 log_stage_outcome(outcome)
-        print_metrics(outcome)
+        print_headline(name, outcome, root)
         return 0
     finally:
         shutdown_distributed()
