@@ -19,7 +19,7 @@ from prefect.futures import PrefectFuture, wait
 from prefect.runtime import flow_run
 
 from roadshift.config import Params, load_params, params_to_dict
-from roadshift.jsonio import read_json
+from roadshift.jsonio import read_metrics
 from roadshift.layout import Layout
 from roadshift.registry.lineage import lineage_tags, uncommitted_dvc_files
 from roadshift.tracking import PARENT_RUN_ENV
@@ -119,7 +119,7 @@ def training_pipeline(root: str = ".") -> PipelineResult:
             try:
                 with _parent_run_env(parent.info.run_id):
                     stage_runs = _run_stages(root_path, parent.info.run_id, reports)
-                metrics = read_json(Layout(root_path).metrics("evaluate"))
+                metrics = read_metrics(Layout(root_path).metrics("evaluate"))
                 mlflow.log_metrics(metrics)
                 registration, _ = register(root_path, params, parent.info.run_id, prefect_tags)
             finally:

@@ -20,11 +20,24 @@ def write_json(path: Path, payload: Any) -> Path:
     return path
 
 
-def write_metrics(path: Path, metrics: dict[str, Any]) -> Path:
+LEFT_OUT_KEY = "left_out"
+
+
+def write_metrics(
+    path: Path, metrics: dict[str, Any], left_out: dict[str, str] | None = None
+) -> Path:
     """A stage's metrics file without undefined figures: NaN and infinities are left out,
     since JSON has none (``json`` would write a bare ``NaN``, which other readers reject and
-    ``dvc metrics show`` prints as a number)."""
-    return write_json(path, finite_metrics(metrics))
+    ``dvc metrics show`` prints as a number). Under ``left_out``, each figure missing from
+    the file and why: ``left_out`` from the caller, and "not a finite number" for the rest."""
+    kept = finite_metrics(metrics)
+    reasons = {
+        key: f"not a finite number ({value})" for key, value in metrics.items() if key not in kept
+    }
+    reasons.update(left_out or {})
+    if reasons:
+        kept[LEFT_OUT_KEY] = dict(sorted(reasons.items()))
+    return write_json(path, kept)
 
 
 def finite_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
@@ -42,3 +55,12 @@ def read_json(path: Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: missing; run the stage that writes it first")
     return json.loads(path.read_text())
+
+
+def read_metrics(path: Path) -> dict[str, float]:
+    """A metrics file's figures, without its ``left_out`` notes."""
+    return {
+        key: float(value)
+        for key, value in read_json(path).items()
+        if isinstance(value, int | float) and not isinstance(value, bool)
+    }

@@ -431,3 +431,4 @@ def test_without_a_target_val_split_auto_self_trains_and_keeps_its_last_epoch(pr
     text = layout.metrics("finetune").read_text()
     metrics = json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} in {text}"))
     assert "target_val_accuracy" not in metrics
+    assert metrics["left_out"] == {"target_val_accuracy": "the target has no val split"}

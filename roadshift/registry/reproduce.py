@@ -28,7 +28,7 @@ import yaml
 from roadshift.config import DOMAINS, UNLABELED_POOL, Params, params_to_dict, parse_params
 from roadshift.data.dvc_repo import UNKNOWN, remote_option
 from roadshift.errors import RoadshiftError
-from roadshift.jsonio import read_json
+from roadshift.jsonio import read_metrics
 from roadshift.layout import Layout
 from roadshift.registry.lineage import params_hash, sha256_file
 
@@ -288,7 +288,7 @@ def rebuild(
         dvc = str(Path(sys.executable).parent / "dvc")
         _run([dvc, "repro", "--force", "evaluate"], cwd=worktree, env=env)
         layout = Layout(worktree)
-        metrics = {k: float(v) for k, v in read_json(layout.metrics("evaluate")).items()}
+        metrics = read_metrics(layout.metrics("evaluate"))
         weights = sha256_file(layout.model_dir("target") / "weights.safetensors")
         return Reproduction(lineage, metrics, weights, worktree if keep_worktree else None, notes)
 

@@ -430,10 +430,13 @@ def run_finetune(
     }
     if choice is not None:
         metrics.update(choice.metrics())
-    if val is not None:  # no val split: no val accuracy (left out, never NaN)
+    left_out: dict[str, str] = {}
+    if val is not None:
         metrics["target_val_accuracy"] = accuracy(*predict_logits(model, val, device))
+    else:
+        left_out["target_val_accuracy"] = "the target has no val split"
     model_dir = save_model_dir(model, spec, layout.model_dir("target"))
-    metrics_path = write_metrics(layout.metrics("finetune"), metrics)
+    metrics_path = write_metrics(layout.metrics("finetune"), metrics, left_out)
     details = {
         "model_dir": model_dir,
         "history": result.history,

@@ -16,7 +16,7 @@ import pandas as pd
 from roadshift.config import DOMAINS, Params
 from roadshift.data.dvc_repo import UNKNOWN
 from roadshift.data.manifest import class_names, read_manifest
-from roadshift.jsonio import read_json
+from roadshift.jsonio import read_json, read_metrics
 from roadshift.layout import Layout
 from roadshift.registry.lineage import lineage_tags
 from roadshift.registry.model_card import DataSummary
@@ -65,7 +65,7 @@ def run_register(
 ) -> StageOutcome:
     """Call inside an active MLflow run: the model and its card are logged to it."""
     layout = Layout(root)
-    metrics = read_json(layout.metrics("evaluate"))
+    metrics = read_metrics(layout.metrics("evaluate"))
     per_class_path = layout.metrics_dir / PER_CLASS_METRICS
     per_class = read_json(per_class_path) if per_class_path.is_file() else None
     tags = lineage_tags(params, root, extra_tags or {})

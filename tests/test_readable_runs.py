@@ -200,3 +200,52 @@ def test_an_unreachable_tracking_server_names_the_server(project):
     edit_params(project, "tracking", {"request_retries": 0})
     code, output = roadshift(project, "run", env={"MLFLOW_TRACKING_URI": uri})
     assert_one_clear_message(code, output, uri)
+
+
+# --- a run that succeeds --------------------------------------------------------------------
+
+LIBRARY_NOISE = (
+    "Traceback",
+    "Warning",  # UserWarning, FutureWarning, ... and MLflow's "WARNING mlflow...." lines
+    "WARNING",
+    " INFO ",
+    "| INFO",
+    "To track the changes with git",  # DVC's hint, once a stage
+    "core.autostage",
+    "Successfully registered model",  # MLflow's prints on registration
+    "Created version",
+)
+
+
+@pytest.mark.slow
+def test_a_successful_run_prints_its_stages_the_summary_and_the_decision_only(project):
+    code, output = roadshift(project, "run")
+    assert code == 0, output
+    for noise in LIBRARY_NOISE:
+        assert noise not in output, (noise, output)
+    for stage in ("prepare", "validate", "pretrain", "finetune", "scratch", "evaluate"):
+        assert f"{stage}: ran (" in output, output
+    assert "Target test split (Indian roads (IRC:67))" in output
+    assert "Model version 1: aliases" in output
+    assert len(output.splitlines()) <= 45, output
+
+
+# --- metric files ---------------------------------------------------------------------------
+
+
+def test_a_metrics_file_leaves_undefined_figures_out_and_says_why(tmp_path):
+    from roadshift.jsonio import read_metrics, write_metrics
+
+    path = write_metrics(
+        tmp_path / "m.json",
+        {"accuracy": 0.5, "ece": float("nan"), "gain": float("inf")},
+        {"val_accuracy": "the target has no val split"},
+    )
+    text = path.read_text()
+    written = json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} in {text}"))
+    assert written["left_out"] == {
+        "ece": "not a finite number (nan)",
+        "gain": "not a finite number (inf)",
+        "val_accuracy": "the target has no val split",
+    }
+    assert read_metrics(path) == {"accuracy": 0.5}
