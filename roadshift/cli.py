@@ -169,6 +169,7 @@ def command_predict(args: argparse.Namespace) -> int:
 
 
 def _run_predict(args: argparse.Namespace, params: Params, root: Path) -> int:
+    from roadshift.data.images import ImageLimits
     from roadshift.serve import predict
     from roadshift.tracking import configure_tracking
     from roadshift.train.progress import progress_enabled
@@ -184,7 +185,12 @@ def _run_predict(args: argparse.Namespace, params: Params, root: Path) -> int:
     on_skip = (lambda path, reason: skipped.append(f"{path}: {reason}")) if args.skip_bad else None
     with predict.batch_progress(len(paths), progress_enabled("auto")) as on_batch:
         frame = predict.predict_paths(
-            model, paths, args.batch_size, on_skip=on_skip, on_batch=on_batch
+            model,
+            paths,
+            args.batch_size,
+            on_skip=on_skip,
+            on_batch=on_batch,
+            limits=ImageLimits.for_prediction(params),
         )
     if skipped:
         print(f"roadshift: predict: skipped {len(skipped)} unreadable file(s):", file=sys.stderr)

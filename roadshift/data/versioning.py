@@ -12,11 +12,10 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from roadshift.errors import RoadshiftError
 from roadshift.config import SPLITS, Params
-from roadshift.data.dvc_repo import open_repo
+from roadshift.data.dvc_repo import dvc_data_version, open_repo
+from roadshift.errors import RoadshiftError
 from roadshift.layout import Layout
-from roadshift.data.dvc_repo import dvc_data_version
 
 
 class UnknownClassError(RoadshiftError, ValueError):
