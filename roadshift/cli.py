@@ -111,11 +111,9 @@ def command_data_add(args: argparse.Namespace) -> int:
 
     root = Path(args.root).resolve()
     params = load_params(root / args.params)
-    try:
-        result = add_domain_data(params, root, args.domain, Path(args.path))
-    except (ValueError, FileExistsError) as error:  # unknown class, stray file, name clash
-        print(f"roadshift: data add: {error}", file=sys.stderr)
-        return 2
+    # refusals (unknown class, name clash, a bad or linked file) are RoadshiftErrors: main()
+    # prints them as one message and exits 2
+    result = add_domain_data(params, root, args.domain, Path(args.path))
     print(f"added {len(result.copied)} image(s) under {result.domain_dir}")
     print(f"{args.domain} data version: {result.old_version or 'none'} -> {result.new_version}")
     return 0
