@@ -9,12 +9,13 @@ blocking), more bytes than ``max_file_bytes``, and a header declaring more than
 ``max_pixels`` or sides outside the allowed range. Pillow's own ``Image.MAX_IMAGE_PIXELS``
 is left at its default as a second, looser line: the limits here are stricter.
 
-Images larger than ``REDUCED_SIDE`` are decoded reduced (JPEG at a smaller DCT scale through
-``Image.draft``, any format by a whole factor through ``Image.reduce``), keeping the shorter
-side at least ``REDUCED_SIDE`` px, which is no smaller than any model input
-(``base.image_size`` <= 1024). So the pixels one image holds are bounded by ``max_pixels``
-while it decodes and by about ``(2 * REDUCED_SIDE)**2`` once decoded, and training and
-serving, which share this function, see the same pixels.
+Images with a side over ``REDUCED_SIDE`` are decoded reduced: JPEG at a smaller DCT scale
+through ``Image.draft``, then each side to at most ``REDUCED_SIDE`` px (``Image.resize`` with
+a box filter and ``reducing_gap``, which runs ``Image.reduce`` first). Every model input is
+square and at most 1024 px (``base.image_size``), and the model resizes each side on its own,
+so no detail the model could use is lost. So one image holds at most ``max_pixels`` (times
+its bytes per pixel) while it decodes and ``REDUCED_SIDE``**2 RGB pixels (3 MB) once
+decoded, and training and serving, which share this function, see the same pixels.
 
 The manifest's integrity pass rejects every mode not listed here, the validate stage's
 Great Expectations suite checks the same set, and the training loader (``load_rgb``) and the
@@ -46,7 +47,7 @@ from roadshift.config import (
 from roadshift.errors import RoadshiftError
 
 REDUCED_SIDE = 1024
-"""Images whose shorter side is at least twice this decode reduced (see the module doc)."""
+"""No side of a decoded image is longer (see the module doc); >= the largest model input."""
 
 # Pillow warns on opening an image over Image.MAX_IMAGE_PIXELS (89 MP); the limits here are
 # stricter and refuse such an image by name, so the warning would only repeat it.
@@ -272,19 +273,23 @@ def _format_problem(name: str, fmt: str, accepted: frozenset[str] | None) -> str
     )
 
 
+def _reduced_size(width: int, height: int) -> tuple[int, int]:
+    return min(width, REDUCED_SIDE), min(height, REDUCED_SIDE)
+
+
 def _reduced_draft(image: Image.Image) -> None:
-    """JPEG: decode at the smallest DCT scale that keeps the shorter side >= REDUCED_SIDE."""
-    shorter = min(image.size)
-    if shorter >= 2 * REDUCED_SIDE:
-        scale = REDUCED_SIDE / shorter
-        wanted = (math.ceil(image.width * scale), math.ceil(image.height * scale))
+    """JPEG: decode at the smallest DCT scale that keeps each side >= its reduced size."""
+    wanted = _reduced_size(*image.size)
+    if wanted != image.size:
         image.draft(image.mode, wanted)  # a no-op for formats other than JPEG
 
 
 def _reduced(image: Image.Image) -> Image.Image:
-    """Box-average by a whole factor while the shorter side stays >= REDUCED_SIDE."""
-    factor = min(image.size) // REDUCED_SIDE
-    return image.reduce(factor) if factor >= 2 else image
+    """Each side to at most REDUCED_SIDE (box filter, whole-factor ``reduce`` first)."""
+    wanted = _reduced_size(*image.size)
+    if wanted == image.size:
+        return image
+    return image.resize(wanted, Image.Resampling.BOX, reducing_gap=2.0)
 
 
 def decode_image_bytes(data: bytes, name: str, limits: ImageLimits) -> DecodedImage:
