@@ -320,3 +320,79 @@ def test_prediction_refuses_a_1x1_image_and_gif_data_named_png(tmp_path):
     gif_bytes = gif.read_bytes()
     with pytest.raises(ImageRefusedError, match=r"^row 3: holds GIF data, not one of"):
         decode_image_bytes(gif_bytes, "row 3", limits)
+
+
+SERVED_ROWS = 50
+BOMB_REQUEST_BOUND_MB = 50  # nothing may be decoded: the rows are refused from their headers
+LARGE_REQUEST_BOUND_MB = 400  # 50 x 6000x4000 photos: ~3.6 GB decoded whole; reduced ~160 MB
+
+SERVED_MODEL_DRIVER = """
+import contextlib, io, json, resource, sys
+import mlflow, pandas as pd
+from roadshift.cli import main
+from tests.helpers import png_bytes, png_declaring, register_champion
+from tests.test_hostile_files import jpeg_bytes, noise
+
+root, name, rows = sys.argv[1], sys.argv[2], int(sys.argv[3])
+register_champion(__import__("pathlib").Path(root), name)
+model = mlflow.pyfunc.load_model(f"models:/{name}@champion")
+model.predict(pd.DataFrame({"image": [png_bytes(noise(32))]}))  # imports and first call done
+
+
+def peak_mb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+report = {"base_mb": peak_mb()}
+bomb = png_declaring(12000, 12000)
+try:
+    model.predict(pd.DataFrame({"image": [bomb] * rows}))
+    report["bomb_error"] = None
+except ValueError as error:
+    report["bomb_error"] = str(error)
+report["after_bomb_mb"] = peak_mb()
+photo = jpeg_bytes(6000, 4000)
+report["large_rows"] = len(model.predict(pd.DataFrame({"image": [photo] * rows})))
+report["after_large_mb"] = peak_mb()
+
+out, err = io.StringIO(), io.StringIO()
+with open(f"{root}/tiny.png", "wb") as handle:
+    handle.write(png_bytes(noise(1)))
+with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+    code = main(["--root", root, "predict", f"{root}/tiny.png", "--model",
+                 f"models:/{name}@champion"])
+report["cli"] = {"rc": code, "stdout": out.getvalue(), "stderr": err.getvalue()}
+print(json.dumps(report))
+"""
+
+
+@pytest.mark.slow
+def test_the_served_model_refuses_50_bomb_rows_and_decodes_50_large_photos_in_bounded_memory(
+    tmp_path,
+):
+    """The registered pyfunc, loaded from the registry in a fresh process (what `mlflow
+    models serve` runs per request), measured by its peak RSS (getrusage)."""
+    env = {**venv_environment(), "PYTHONPATH": str(PROJECT_ROOT), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, "-c", SERVED_MODEL_DRIVER, str(tmp_path), "hostile", str(SERVED_ROWS)],
+        cwd=PROJECT_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=SUBPROCESS_TIMEOUT_S,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    report = json.loads(done.stdout.splitlines()[-1])
+    print(report)
+
+    assert report["bomb_error"].startswith("row 0: declares 12000x12000")
+    assert report["after_bomb_mb"] - report["base_mb"] < BOMB_REQUEST_BOUND_MB
+    assert report["large_rows"] == SERVED_ROWS
+    assert report["after_large_mb"] - report["base_mb"] < LARGE_REQUEST_BOUND_MB
+    cli = report["cli"]
+    assert cli["rc"] == 2
+    assert cli["stderr"].strip() == (
+        f"roadshift: predict: {tmp_path}/tiny.png: 1x1 px; sides must be 16 to 8192 px "
+        "(validate.min_image_side / validate.max_image_side), as for training images "
+        "(fix or remove the file, or pass --skip-bad to skip such files)"
+    )
