@@ -131,11 +131,9 @@ def command_data_add(args: argparse.Namespace) -> int:
 
     root = Path(args.root).resolve()
     params = load_params(root / args.params)
-    try:
-        result = add_domain_data(params, root, args.domain, Path(args.path))
-    except (ValueError, FileExistsError) as error:  # unknown class, stray file, name clash
-        print(f"roadshift: data add: {error}", file=sys.stderr)
-        return 2
+    # refusals (unknown class, name clash, a bad or linked file) are RoadshiftErrors: main()
+    # prints them as one message and exits 2
+    result = add_domain_data(params, root, args.domain, Path(args.path))
     print(f"added {len(result.copied)} image(s) under {result.domain_dir}")
     print(f"{args.domain} data version: {result.old_version or 'none'} -> {result.new_version}")
     return 0
@@ -189,6 +187,7 @@ def command_predict(args: argparse.Namespace) -> int:
 
 
 def _run_predict(args: argparse.Namespace, params: Params, root: Path) -> int:
+    from roadshift.data.images import ImageLimits
     from roadshift.serve import predict
     from roadshift.tracking import configure_tracking
     from roadshift.train.progress import progress_enabled
@@ -204,7 +203,12 @@ def _run_predict(args: argparse.Namespace, params: Params, root: Path) -> int:
     on_skip = (lambda path, reason: skipped.append(f"{path}: {reason}")) if args.skip_bad else None
     with predict.batch_progress(len(paths), progress_enabled("auto")) as on_batch:
         frame = predict.predict_paths(
-            model, paths, args.batch_size, on_skip=on_skip, on_batch=on_batch
+            model,
+            paths,
+            args.batch_size,
+            on_skip=on_skip,
+            on_batch=on_batch,
+            limits=ImageLimits.for_prediction(params),
         )
     if skipped:
         print(f"roadshift: predict: skipped {len(skipped)} unreadable file(s):", file=sys.stderr)

@@ -13,7 +13,15 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from roadshift.errors import RoadshiftError
 
@@ -28,7 +36,26 @@ class ConfigError(RoadshiftError, ValueError):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    """Strict: ``true``/``yes``/``on`` are not 1 and ``1``/``0`` are not booleans, so a typo
+    cannot become one epoch. Integers still count as floats (``lr: 1``), and a float written
+    in e-notation, which YAML 1.1 reads as text (``lr: 1e-3``), is read as the number it is.
+    Paths and lists keep their lax forms (YAML has no path or tuple type)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _e_notation_floats(cls, value: Any, info: ValidationInfo) -> Any:
+        field = cls.model_fields.get(info.field_name or "")
+        if isinstance(value, str) and field is not None and field.annotation in _FLOAT_TYPES:
+            try:
+                return float(value)
+            except ValueError:
+                return value
+        return value
+
+
+_FLOAT_TYPES = (float, float | None)
 
 
 class BaseSection(_Section):
@@ -67,7 +94,7 @@ UNLABELED_POOL = "target_unlabeled"
 
 
 class DomainData(_Section):
-    path: Path
+    path: Path = Field(strict=False)
     description: str = ""
 
 
@@ -78,6 +105,7 @@ class TargetDomainData(DomainData):
 
     unlabeled_path: Path | None = Field(
         None,
+        strict=False,
         description="folder of unlabelled target images, any depth, no labels (prepare scans "
         "it into data/prepared/target_unlabeled.csv); None = no pool",
     )
@@ -106,9 +134,31 @@ class SplitFractions(_Section):
         return self
 
 
+DEFAULT_MAX_IMAGE_FILE_BYTES = 50_000_000
+DEFAULT_MAX_IMAGE_PIXELS = 50_000_000
+
+
+class ImageLimitsSection(_Section):
+    """What an image file may be before roadshift decodes it, wherever it does (prepare,
+    ``data validate``, ``data add``, ``predict``, the served model): bounds on the bytes read
+    and on the pixels the header declares, so a decompression bomb (a small file declaring a
+    huge image) is refused before any pixel memory is allocated."""
+
+    max_file_bytes: int = Field(
+        DEFAULT_MAX_IMAGE_FILE_BYTES, ge=1, description="largest image file read, in bytes"
+    )
+    max_pixels: int = Field(
+        DEFAULT_MAX_IMAGE_PIXELS,
+        ge=1,
+        description="largest width x height an image may declare (50 MP: every camera "
+        "photo; a 12000 x 12000 image is refused)",
+    )
+
+
 class PrepareSection(_Section):
-    extensions: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+    extensions: tuple[str, ...] = Field((".jpg", ".jpeg", ".png", ".bmp", ".webp"), strict=False)
     split_fractions: SplitFractions = SplitFractions()
+    image_limits: ImageLimitsSection = ImageLimitsSection()
 
 
 class FractionRange(_Section):
@@ -141,7 +191,7 @@ class ValidateSection(_Section):
     max_imbalance_ratio: float = Field(20.0, ge=1.0, description="largest / smallest class count")
     min_image_side: int = Field(16, ge=1)
     max_image_side: int = Field(8192, ge=1)
-    require_splits: tuple[Split, ...] = ("train", "test")
+    require_splits: tuple[Split, ...] = Field(("train", "test"), strict=False)
     split_fractions: SplitFractionBounds = SplitFractionBounds()
 
 
@@ -509,11 +559,15 @@ def load_params(path: str | Path = "params.yaml", overrides: list[str] | None = 
     if not path.is_file():
         raise ConfigError(f"{path}: params file not found")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as error:
         raise ConfigError(f"{path}: not valid YAML: {error}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    if not isinstance(raw, dict) or not raw:
+        found = "nothing (an empty file)" if raw is None or raw == {} else type(raw).__name__
+        raise ConfigError(
+            f"{path}: expected a mapping of sections (base:, data:, prepare:, ...) at the top "
+            f"level, found {found}; restore it from git (`git checkout -- {path.name}`)"
+        )
     return parse_params(apply_overrides(raw, overrides or []), source=str(path))
 
 

@@ -17,6 +17,7 @@ from prefect import task
 
 from roadshift.config import Params
 from roadshift.data.dvc_repo import chosen_remote, domain_folders, dvc_data_version, open_repo
+from roadshift.data.versioning import verify_data_folders
 from roadshift.layout import Layout
 from roadshift.stages.failures import clear_stage_failure, recorded_stage_failure
 
@@ -51,9 +52,14 @@ def _stage_environment(root: Path) -> None:
 @task(name="version-data")
 def version_data(root: Path, params: Params) -> dict[str, str]:
     """``dvc add`` each domain folder and the unlabelled target pool; a changed folder becomes
-    a new data version (keys: source, target, target_unlabeled)."""
+    a new data version (keys: source, target, target_unlabeled).
+
+    Each folder first passes prepare's own scan (``verify_data_folders``): a tree with a link,
+    a FIFO, a bomb or broken image, or no images stops the run here, naming the file, and
+    every ``.dvc`` pointer keeps the version it had."""
     layout = Layout(root)
     folders = domain_folders(params, root)
+    verify_data_folders(params, Path(root), folders)
     with open_repo(root) as repo:
         repo.add([str(folder) for folder in folders.values()])
     return {

@@ -210,3 +210,24 @@ def png_bytes(array: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(array).save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def png_declaring(width: int, height: int) -> bytes:
+    """A real, valid RGB PNG of ``width`` x ``height`` black pixels, compressed row by row:
+    a 12000 x 12000 one is about 420 KB on disk and 432 MB decoded (a decompression bomb),
+    made without ever holding its pixels."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
+
+    compressor = zlib.compressobj(9)
+    row = bytes(1 + 3 * width)  # filter byte 0, then black pixels
+    idat = b"".join(compressor.compress(row) for _ in range(height)) + compressor.flush()
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+    )

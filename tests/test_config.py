@@ -26,10 +26,58 @@ def test_project_params_file_is_valid_and_matches_defaults_shape():
     assert params.finetune.strategy == "auto"  # users get the measured choice by default
 
 
-def test_empty_file_gives_defaults(tmp_path):
+@pytest.mark.parametrize("text", ["", "# only a comment\n", "{}\n", "- a list\n", "42\n"])
+def test_an_empty_or_non_mapping_file_is_refused_in_one_line_naming_it(tmp_path, text):
     path = tmp_path / "params.yaml"
-    path.write_text("")
-    assert load_params(path) == Params()
+    path.write_text(text)
+    with pytest.raises(ConfigError) as caught:
+        load_params(path)
+    message = str(caught.value)
+    assert message.startswith(f"{path}: expected a mapping of sections")
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "value"),
+    [
+        ("pretrain", "epochs", True),
+        ("pretrain", "epochs", "yes"),
+        ("pretrain", "epochs", "on"),
+        ("finetune", "batch_size", 2.0),
+        ("finetune", "lr", True),
+        ("base", "deterministic", 1),
+        ("base", "deterministic", 0),
+        ("base", "progress_bars", 1),
+        ("finetune", "reinit_head", "no"),
+        ("pretrain", "num_workers", True),
+        ("evaluate", "bootstrap_samples", False),
+    ],
+)
+def test_booleans_are_not_numbers_and_numbers_are_not_booleans(section, key, value):
+    with pytest.raises(ConfigError) as caught:
+        parse_params({section: {key: value}}, source="params.yaml")
+    assert f"{section}.{key}: " in str(caught.value)
+    assert f"(got {value!r})" in str(caught.value)
+
+
+def test_yaml_words_for_booleans_are_refused_from_the_file(tmp_path):
+    """PyYAML reads ``yes``/``on`` as true: the file's value must still not become 1 epoch."""
+    path = tmp_path / "params.yaml"
+    path.write_text("pretrain:\n  epochs: on\n")
+    with pytest.raises(ConfigError, match=r"pretrain\.epochs: .*\(got True\)"):
+        load_params(path)
+
+
+def test_integers_and_e_notation_still_count_as_floats():
+    params = parse_params({"finetune": {"lr": 1, "weight_decay": "1e-4"}, "data": {}})
+    assert params.finetune.lr == 1.0 and isinstance(params.finetune.lr, float)
+    assert params.finetune.weight_decay == 1e-4
+
+
+def test_image_limits_have_a_home_and_defaults_that_refuse_a_12000px_square():
+    limits = Params().prepare.image_limits
+    assert 12000 * 12000 > limits.max_pixels >= 8000 * 6000  # a 48 MP camera photo passes
+    assert limits.max_file_bytes >= 20_000_000
 
 
 def test_unknown_key_is_named(tmp_path):

@@ -11,6 +11,8 @@ from pathlib import Path
 import pandas as pd
 from PIL import Image, ImageDraw, ImageFont
 
+from roadshift.data.decoded import load_rgb, manifest_limits
+
 CELL, GAP, LABEL_WIDTH, HEADER = 72, 4, 170, 26
 TEXT = (22, 22, 24)
 
@@ -45,11 +47,12 @@ def draw_contact_sheet(
             (GAP, y + 4), f"{domain}  ({len(manifests[domain])} images)", font=_font(16), fill=TEXT
         )
         y += HEADER
+        limits = manifest_limits(manifests[domain])
         for label, paths in by_class.items():
             draw.text((GAP, y + CELL // 2), label[:22], font=_font(14), fill=TEXT, anchor="lm")
             for k, relative in enumerate(paths):
-                with Image.open(root / relative) as image:
-                    thumb = image.convert("RGB").resize((CELL, CELL), Image.Resampling.BILINEAR)
+                pixels = Image.fromarray(load_rgb(root / relative, limits))
+                thumb = pixels.resize((CELL, CELL), Image.Resampling.BILINEAR)
                 sheet.paste(thumb, (LABEL_WIDTH + k * (CELL + GAP), y))
             y += CELL + GAP
     out_path.parent.mkdir(parents=True, exist_ok=True)

@@ -27,36 +27,49 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pandas as pd
-from PIL import Image
 
-from roadshift.data.images import to_rgb
+from roadshift.data.images import ImageLimits, decode_image_file
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: images over REDUCED_SIDE decode reduced (roadshift.data.images)
 RESIZE_METHOD = "cv2.INTER_AREA"  # albumentations' Resize in create_eval_transform
 KEEP_PER_SPLIT = 3  # older entries of a (domain, split) beyond these are removed
 MAX_DECODE_THREADS = 8
 
 
-def load_rgb(path: Path) -> np.ndarray:
-    """Decode to HxWx3 uint8 by the documented per-mode rule (``roadshift.data.images``)."""
-    with Image.open(path) as image:
-        return np.asarray(to_rgb(image))
+def load_rgb(path: Path, limits: ImageLimits | None = None) -> np.ndarray:
+    """Decode to HxWx3 uint8 through the guarded decode and its per-mode rule
+    (``roadshift.data.images``), as predict and the served model do."""
+    return decode_image_file(Path(path), limits or ImageLimits()).image.rgb
 
 
-def decode_resized(path: Path, image_size: int) -> np.ndarray:
+def manifest_limits(frame: pd.DataFrame) -> ImageLimits:
+    """Limits for re-reading files prepare already vetted under params.yaml's limits: the
+    defaults, raised to the largest file and image the manifest records, so training never
+    refuses what prepare accepted, and a file swapped for a bigger one since is refused."""
+    limits = ImageLimits()
+    if frame.empty or not {"bytes", "width", "height"} <= set(frame.columns):
+        return limits
+    pixels = int((frame["width"].astype("int64") * frame["height"].astype("int64")).max())
+    return ImageLimits(
+        max_file_bytes=max(limits.max_file_bytes, int(frame["bytes"].max())),
+        max_pixels=max(limits.max_pixels, pixels),
+    )
+
+
+def decode_resized(path: Path, image_size: int, limits: ImageLimits | None = None) -> np.ndarray:
     """One image as the eval transform sees it before normalising: RGB, size x size."""
-    image = load_rgb(path)
+    image = load_rgb(path, limits)
     if image.shape[:2] != (image_size, image_size):
         image = cv2.resize(image, (image_size, image_size), interpolation=cv2.INTER_AREA)
     return image
 
 
-def decode_all(paths: list[Path], image_size: int) -> np.ndarray:
+def decode_all(paths: list[Path], image_size: int, limits: ImageLimits | None = None) -> np.ndarray:
     """Decode in threads (Pillow and OpenCV release the GIL) into one uint8 array."""
     images = np.empty((len(paths), image_size, image_size, 3), dtype=np.uint8)
 
     def fill(i: int) -> None:
-        images[i] = decode_resized(paths[i], image_size)
+        images[i] = decode_resized(paths[i], image_size, limits)
 
     threads = max(1, min(MAX_DECODE_THREADS, os.cpu_count() or 1))
     with ThreadPoolExecutor(threads) as pool:
@@ -154,8 +167,9 @@ def decoded_images(
     images are decoded in memory and nothing is written.
     """
     paths = [Path(root) / p for p in frame["path"]]
+    limits = manifest_limits(frame)
     if cache_dir is None:
-        return decode_all(paths, image_size)
+        return decode_all(paths, image_size, limits)
     key = cache_key(frame, image_size)
     label = _label(frame)
     array_path = Path(cache_dir) / f"{label}-{image_size}px-{key[:20]}.npy"
@@ -164,7 +178,7 @@ def decoded_images(
     if cached is not None:
         os.utime(array_path)  # recently used: kept by _prune
         return cached
-    images = decode_all(paths, image_size)
+    images = decode_all(paths, image_size, limits)
     array_path.parent.mkdir(parents=True, exist_ok=True)
     _atomic_write(array_path, lambda handle: np.save(handle, images, allow_pickle=False))
     meta = {"key": key, "shape": list(images.shape), "sha256": _array_digest(images)}

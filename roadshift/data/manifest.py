@@ -22,22 +22,23 @@ records what the bytes really are.
 
 from __future__ import annotations
 
-import hashlib
-import io
 import os
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 
 import pandas as pd
-from PIL import Image, UnidentifiedImageError
-from PIL import ImageFile as PilImageFile
 
-from roadshift.errors import RoadshiftError
 from roadshift.config import SPLITS, PrepareSection, SplitFractions
-from roadshift.data.images import formats_for_extensions, rejected_mode_reason
+from roadshift.data.images import (
+    ImageLimits,
+    ImageRefusedError,
+    decode_image_file,
+    file_kind,
+)
+from roadshift.errors import RoadshiftError
 
 MANIFEST_COLUMNS = (
     "path",
@@ -86,6 +87,15 @@ class DatasetLayoutError(RoadshiftError, FileNotFoundError):
 
     A FileNotFoundError so that callers which treat missing inputs as user errors (the CLI)
     show it as one message rather than a traceback.
+    """
+
+
+class UnsafeFileError(DatasetLayoutError):
+    """Links or special files (FIFOs, devices, sockets) inside a data folder, each named.
+
+    Refused before anything is read, copied or versioned: ``dvc add`` replaces a link by a
+    copy of what it points to (``/etc/shadow`` included) and hangs on a FIFO, and a linked
+    class folder would be trained on without being part of the data version.
     """
 
 
@@ -165,15 +175,62 @@ def _class_folder_files(
     return files
 
 
+def _unsafe_reason(entry: os.DirEntry, root: Path | None) -> str | None:
+    if entry.is_symlink():
+        target = Path(os.path.realpath(entry.path))
+        outside = root is not None and not target.is_relative_to(Path(root).resolve())
+        where = " (outside the project)" if outside else ""
+        return (
+            f"a symbolic link to {target}{where}; links are refused inside data folders (DVC "
+            "would version a copy of what it points to, and prepare could read files outside "
+            "the data version): replace it with the real file or folder (`cp -rL`) or remove it"
+        )
+    if entry.is_dir(follow_symlinks=False) or entry.is_file(follow_symlinks=False):
+        return None
+    kind = file_kind(entry.stat(follow_symlinks=False).st_mode)
+    return f"{kind}, not a regular file or folder; remove it"
+
+
+def unsafe_entries(folder: Path, root: Path | None = None) -> list[ImageProblem]:
+    """Every link and special file under ``folder``, hidden ones too (DVC versions them),
+    found by ``lstat`` alone: nothing is opened and no link is followed."""
+    problems: list[ImageProblem] = []
+    pending = [Path(folder)]
+    while pending:
+        with os.scandir(pending.pop()) as entries:
+            for entry in sorted(entries, key=lambda e: e.name):
+                reason = _unsafe_reason(entry, root)
+                if reason:
+                    problems.append(ImageProblem(Path(entry.path), reason))
+                elif entry.is_dir(follow_symlinks=False):
+                    pending.append(Path(entry.path))
+    return sorted(problems, key=lambda p: p.path)
+
+
+def refuse_unsafe_entries(folder: Path, root: Path | None = None) -> None:
+    """Raise ``UnsafeFileError`` naming every link and special file under ``folder``."""
+    problems = unsafe_entries(folder, root)
+    if problems:
+        lines = "\n".join(f"  {p.path}: {p.reason}" for p in problems)
+        raise UnsafeFileError(
+            f"{folder}: {len(problems)} link(s) or special file(s) in a data folder; nothing "
+            f"was read, copied or versioned:\n{lines}"
+        )
+
+
 def _normalised_extensions(extensions: Iterable[str]) -> frozenset[str]:
     return frozenset(e.lower() if e.startswith(".") else f".{e.lower()}" for e in extensions)
 
 
-def scan_image_folder(domain_dir: Path, extensions: Iterable[str]) -> list[ImageFile]:
-    """List the images of one domain with their class and (split layout only) split."""
+def scan_image_folder(
+    domain_dir: Path, extensions: Iterable[str], root: Path | None = None
+) -> list[ImageFile]:
+    """List the images of one domain with their class and (split layout only) split; refuse
+    links and special files anywhere in it (``root``: the project, named in the message)."""
     wanted = _normalised_extensions(extensions)
     if not domain_dir.is_dir():
         raise DatasetLayoutError(f"{domain_dir}: data folder not found")
+    refuse_unsafe_entries(domain_dir, root)
     top = _visible_dirs(domain_dir)
     if not top:
         raise DatasetLayoutError(
@@ -196,7 +253,9 @@ def scan_image_folder(domain_dir: Path, extensions: Iterable[str]) -> list[Image
     return files
 
 
-def scan_unlabeled_folder(folder: Path, extensions: Iterable[str]) -> list[ImageFile]:
+def scan_unlabeled_folder(
+    folder: Path, extensions: Iterable[str], root: Path | None = None
+) -> list[ImageFile]:
     """Every image under ``folder`` at any depth, with no label and the split ``unlabeled``.
 
     Unlabelled images come as they were collected (dash-cam dumps, dated sub-folders), so no
@@ -205,6 +264,7 @@ def scan_unlabeled_folder(folder: Path, extensions: Iterable[str]) -> list[Image
     """
     if not folder.is_dir():
         raise DatasetLayoutError(f"{folder}: unlabelled image folder not found")
+    refuse_unsafe_entries(folder, root)
     wanted = _normalised_extensions(extensions)
     return [ImageFile(path, "", UNLABELED_SPLIT) for path in _image_files(folder, wanted)]
 
@@ -223,39 +283,20 @@ class ImageFacts:
 
 
 def inspect_image(
-    path: Path, accepted_formats: frozenset[str] | None = None
+    path: Path, accepted_formats: frozenset[str] | None = None, limits: ImageLimits | None = None
 ) -> ImageFacts | ImageProblem:
-    """Hash the bytes and fully decode them; a problem instead of an exception."""
-    if PilImageFile.LOAD_TRUNCATED_IMAGES:
-        raise RuntimeError("PIL.ImageFile.LOAD_TRUNCATED_IMAGES is set: truncation would pass")
+    """Check, hash and fully decode one file (``decode_image_file``, the one guarded decode);
+    a problem instead of an exception. ``limits`` default to params.yaml's defaults."""
+    limits = limits or ImageLimits()
+    if accepted_formats is not None:
+        limits = replace(limits, accepted_formats=accepted_formats)
     try:
-        data = path.read_bytes()
-    except OSError as error:
-        return ImageProblem(path, f"cannot be read ({error.strerror or error})")
-    if not data:
-        return ImageProblem(path, "empty file (0 bytes)")
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            image.load()
-            facts = (image.width, image.height, image.mode, image.format or "")
-    except UnidentifiedImageError:
-        return ImageProblem(path, "not an image Pillow can read (wrong extension or not an image)")
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
-        return ImageProblem(path, f"truncated or damaged image data ({error})")
-    width, height, mode, fmt = facts
-    refused = rejected_mode_reason(mode) or _format_problem(path, fmt, accepted_formats)
-    if refused:
-        return ImageProblem(path, refused)
-    return ImageFacts(hashlib.sha256(data).hexdigest(), width, height, mode, fmt, len(data))
-
-
-def _format_problem(path: Path, fmt: str, accepted_formats: frozenset[str] | None) -> str | None:
-    if accepted_formats is None or fmt in accepted_formats:
-        return None
-    return (
-        f"holds {fmt or 'unknown'} data (extension {path.suffix}), not one of the accepted "
-        f"formats {', '.join(sorted(accepted_formats))} (prepare.extensions); "
-        "convert it to PNG or JPEG"
+        facts = decode_image_file(path, limits)
+    except ImageRefusedError as refused:
+        return ImageProblem(path, refused.reason)
+    image = facts.image
+    return ImageFacts(
+        facts.sha256, image.width, image.height, image.mode, image.format, facts.bytes
     )
 
 
@@ -270,10 +311,12 @@ def split_for_content(sha256: str, fractions: SplitFractions) -> str:
 
 
 def inspect_images(
-    paths: Sequence[Path], accepted_formats: frozenset[str] | None = None
+    paths: Sequence[Path],
+    accepted_formats: frozenset[str] | None = None,
+    limits: ImageLimits | None = None,
 ) -> list[ImageFacts | ImageProblem]:
     """``inspect_image`` over many files; decoders release the GIL, so threads scale."""
-    inspect = partial(inspect_image, accepted_formats=accepted_formats)
+    inspect = partial(inspect_image, accepted_formats=accepted_formats, limits=limits)
     workers = max(1, min(MAX_DECODE_THREADS, os.cpu_count() or 1, len(paths)))
     if workers == 1:
         return [inspect(p) for p in paths]
@@ -301,7 +344,8 @@ def build_manifest_with_problems(
     domain_dir: Path, domain: str, cfg: PrepareSection, root: Path
 ) -> tuple[pd.DataFrame, list[ImageProblem]]:
     """The manifest of the files that pass the integrity rules, and a problem per other file."""
-    return manifest_of_files(scan_image_folder(domain_dir, cfg.extensions), domain, cfg, root)
+    files = scan_image_folder(domain_dir, cfg.extensions, root)
+    return manifest_of_files(files, domain, cfg, root)
 
 
 def build_unlabeled_manifest(
@@ -309,7 +353,7 @@ def build_unlabeled_manifest(
 ) -> pd.DataFrame:
     """One row per unlabelled image under ``folder``, under the labelled trees' integrity
     rules; raises CorruptImageError listing every bad file, as ``build_manifest`` does."""
-    files = scan_unlabeled_folder(folder, cfg.extensions)
+    files = scan_unlabeled_folder(folder, cfg.extensions, root)
     frame, problems = manifest_of_files(files, domain, cfg, root)
     if problems:
         raise CorruptImageError.from_problems(problems)
@@ -320,8 +364,8 @@ def manifest_of_files(
     files: Sequence[ImageFile], domain: str, cfg: PrepareSection, root: Path
 ) -> tuple[pd.DataFrame, list[ImageProblem]]:
     """Hash and decode ``files`` (threads): rows of those that pass, a problem per other one."""
-    accepted_formats = frozenset(formats_for_extensions(cfg.extensions))
-    results = inspect_images([f.path for f in files], accepted_formats)
+    limits = ImageLimits.for_files(cfg.image_limits, cfg.extensions)
+    results = inspect_images([f.path for f in files], limits=limits)
     problems = [r for r in results if isinstance(r, ImageProblem)]
     rows = []
     for file, facts in zip(files, results, strict=True):

@@ -4,6 +4,11 @@ New labels arrive as ``<incoming>/<class>/<image>``; they join the domain's
 ImageFolder tree (under ``train/`` when the domain uses split folders, so the
 fixed test split never changes) and ``dvc add`` turns the folder into a new
 version, the md5 the pipeline records as ``data.<domain>.version``.
+
+Nothing becomes a data version unchecked: ``verify_data_folders`` runs prepare's own scan
+(layout, no links or special files, every image decoded within ``prepare.image_limits``) on
+each folder before ``dvc add``, so a refused tree leaves the previous ``.dvc`` pointer as it
+was; ``data add`` checks every incoming file the same way and copies nothing unless all pass.
 """
 
 from __future__ import annotations
@@ -12,15 +17,34 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from roadshift.config import DOMAINS, SPLITS, UNLABELED_POOL, Params
+from roadshift.data.dvc_repo import dvc_data_version, open_repo
+from roadshift.data.images import ImageLimits
+from roadshift.data.manifest import (
+    ImageProblem,
+    build_manifest,
+    build_unlabeled_manifest,
+    inspect_images,
+    refuse_unsafe_entries,
+)
 from roadshift.errors import RoadshiftError
-from roadshift.config import SPLITS, Params
-from roadshift.data.dvc_repo import open_repo
 from roadshift.layout import Layout
-from roadshift.data.dvc_repo import dvc_data_version
 
 
-class UnknownClassError(RoadshiftError, ValueError):
+class DataAddError(RoadshiftError, ValueError):
+    """Incoming images that cannot be added as they are; the message says which and why."""
+
+
+class UnknownClassError(DataAddError):
     """Incoming images name classes the domain does not have."""
+
+
+class NameClashError(RoadshiftError, FileExistsError):
+    """An incoming file would overwrite an image already in the domain."""
+
+
+class DataVersionRefusedError(RoadshiftError, ValueError):
+    """A data folder that fails prepare's checks and so is not recorded as a data version."""
 
 
 @dataclass(frozen=True)
@@ -57,7 +81,7 @@ def plan_copies(
     known = domain_classes(domain_dir)
     class_dirs = _visible_dirs(incoming)
     if not class_dirs:
-        raise ValueError(f"{incoming}: no class folders; expected <path>/<class>/<image>")
+        raise DataAddError(f"{incoming}: no class folders; expected <path>/<class>/<image>")
     unknown = sorted(d.name for d in class_dirs if d.name not in known)
     if unknown:
         raise UnknownClassError(
@@ -77,18 +101,54 @@ def plan_copies(
             destination = destination_root / class_dir.name / path.name
             (clashes if destination.exists() else plan).append((path, destination))
     if strays:
-        raise ValueError(
+        raise DataAddError(
             f"{incoming}: not image files (prepare.extensions = {', '.join(sorted(allowed))}): "
             + ", ".join(str(p) for p in strays[:5])
         )
     if clashes:
-        raise FileExistsError(
+        raise NameClashError(
             f"{clashes[0][1]}: already exists; rename the incoming file {clashes[0][0]} "
             f"({len(clashes)} name clash(es) in all, nothing copied)"
         )
     if not plan:
-        raise ValueError(f"{incoming}: no images to add")
+        raise DataAddError(f"{incoming}: no images to add")
     return plan
+
+
+def check_incoming(plan: list[tuple[Path, Path]], params: Params) -> None:
+    """Every incoming image through the integrity pass ``data validate`` and prepare use
+    (decoded whole, within ``prepare.image_limits``, a format of ``prepare.extensions``);
+    one error naming every file that fails, before anything is copied."""
+    limits = ImageLimits.for_files(params.prepare.image_limits, params.prepare.extensions)
+    results = inspect_images([source for source, _ in plan], limits=limits)
+    problems = [r for r in results if isinstance(r, ImageProblem)]
+    if problems:
+        listed = "\n".join(f"  {p.path}: {p.reason}" for p in problems)
+        raise DataAddError(
+            f"{len(problems)} incoming file(s) failed the integrity check; nothing was copied "
+            f"or versioned. Remove or re-export each one, then run `roadshift data add` "
+            f"again:\n{listed}"
+        )
+
+
+def verify_data_folders(params: Params, root: Path, folders: dict[str, Path]) -> None:
+    """Prepare's scan of each folder (keys: ``source``, ``target``, ``target_unlabeled``)
+    before it may become a data version: the layout, no links or special files, every
+    image whole and within ``prepare.image_limits``. Raises ``DataVersionRefusedError``
+    naming the folder, its ``.dvc`` pointer (left as it was) and each offending file."""
+    layout = Layout(root)
+    for name, folder in folders.items():
+        try:
+            if name in DOMAINS:
+                build_manifest(folder, name, params.prepare, root)
+            elif name == UNLABELED_POOL:
+                build_unlabeled_manifest(folder, params.prepare, root)
+        except RoadshiftError as error:
+            pointer = layout.data_pointer(folder)
+            kept = f"{pointer} keeps its previous version" if pointer.is_file() else "no .dvc"
+            raise DataVersionRefusedError(
+                f"{folder}: not recorded as a new data version ({kept}): {error}"
+            ) from None
 
 
 def copy_planned(plan: list[tuple[Path, Path]]) -> tuple[Path, ...]:
@@ -108,7 +168,12 @@ def _is_within(path: Path, folder: Path) -> bool:
 
 
 def add_domain_data(params: Params, root: Path, domain: str, incoming: Path) -> DataAddResult:
-    """Copy ``incoming`` into the domain (in place if already inside it), then version it."""
+    """Copy ``incoming`` into the domain (in place if already inside it), then version it.
+
+    Checked first, in this order, and nothing copied or versioned unless all pass: the
+    domain as it is (``verify_data_folders``), links and special files in ``incoming``, its
+    class names and file names (``plan_copies``), then every incoming image (``check_incoming``).
+    """
     configured = params.data.domain(domain).path
     domain_dir = (configured if configured.is_absolute() else root / configured).resolve()
     incoming = incoming.resolve()
@@ -118,8 +183,12 @@ def add_domain_data(params: Params, root: Path, domain: str, incoming: Path) -> 
         raise FileNotFoundError(f"{incoming}: folder of new images not found")
     pointer = Layout(root).data_pointer(domain_dir)
     old_version = dvc_data_version(pointer)
+    verify_data_folders(params, root, {domain: domain_dir})
     copied: tuple[Path, ...] = ()
     if not _is_within(incoming, domain_dir):
-        copied = copy_planned(plan_copies(incoming, domain_dir, params.prepare.extensions))
+        refuse_unsafe_entries(incoming, root)
+        plan = plan_copies(incoming, domain_dir, params.prepare.extensions)
+        check_incoming(plan, params)
+        copied = copy_planned(plan)
     dvc_add(root, domain_dir)
     return DataAddResult(domain_dir, copied, old_version, dvc_data_version(pointer))

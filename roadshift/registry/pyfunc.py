@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import io
 import os
 from collections.abc import Sequence
 from importlib import metadata
@@ -122,8 +121,10 @@ def _as_uint8_batch(array: np.ndarray) -> np.ndarray:
 
 
 def _decode_image(cell: Any, row: int) -> np.ndarray:
-    from PIL import Image, UnidentifiedImageError
-
+    """One request row through training's guarded decode (``roadshift.data.images``): the
+    byte and pixel limits, accepted formats and image sides of params.yaml's defaults are
+    checked before any pixel is decoded, large images decode reduced, and the colour rule is
+    the training loader's. A refused row raises a ValueError naming the row."""
     if isinstance(cell, str):
         try:
             cell = base64.b64decode(cell, validate=True)
@@ -133,15 +134,11 @@ def _decode_image(cell: Any, row: int) -> np.ndarray:
             ) from None
     if not isinstance(cell, bytes | bytearray | memoryview):
         raise ValueError(f"row {row}: expected encoded image bytes, got {type(cell).__name__}")
-    from roadshift.data.images import to_rgb
+    from roadshift.config import Params
+    from roadshift.data.images import ImageLimits, decode_image_bytes
 
-    try:
-        with Image.open(io.BytesIO(bytes(cell))) as image:
-            return np.asarray(to_rgb(image))  # the training loader's rule: no train/serve skew
-    except UnidentifiedImageError:
-        raise ValueError(f"row {row}: bytes are not an image Pillow can decode") from None
-    except ValueError as error:
-        raise ValueError(f"row {row}: {error}") from None
+    limits = ImageLimits.for_prediction(Params())
+    return decode_image_bytes(bytes(cell), f"row {row}", limits).rgb
 
 
 def probability_column(class_name: str) -> str:

@@ -9,7 +9,6 @@ uint8 batches. What the model sees is exactly what a serving client would send i
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import warnings
@@ -20,9 +19,9 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from PIL import Image, UnidentifiedImageError
 
-from roadshift.data.images import to_rgb
+from roadshift.config import Params
+from roadshift.data.images import ImageLimits, ImageRefusedError, decode_image_file
 from roadshift.errors import RoadshiftError
 
 # The alias the register stage promotes to. roadshift.registry.tags holds constants only: it
@@ -110,7 +109,7 @@ def find_images(
                     f"(extensions {', '.join(sorted(wanted))})"
                 )
             paths.extend(found)
-        elif given.is_file():
+        elif os.path.lexists(given):  # a file, or a FIFO or link the decode refuses by name
             paths.append(given)
         else:
             raise PredictError(f"{given}: no such file or folder")
@@ -131,22 +130,15 @@ def _first_occurrences(paths: Sequence[Path]) -> list[Path]:
     return unique
 
 
-def decode_image(path: Path) -> np.ndarray:
-    """HxWx3 uint8, converted by the same per-mode rule as training (no train/serve skew)."""
+def decode_image(path: Path, limits: ImageLimits | None = None) -> np.ndarray:
+    """HxWx3 uint8 through training's guarded decode and per-mode rule (no train/serve skew):
+    a regular file within ``prepare.image_limits``, of an accepted format, with sides within
+    ``validate``'s (``ImageLimits.for_prediction``; params.yaml's defaults when None)."""
+    limits = limits or ImageLimits.for_prediction(Params())
     try:
-        data = Path(path).read_bytes()
-    except OSError as error:
-        raise UnreadableImageError(path, f"cannot be read ({error.strerror or error})") from None
-    if not data:
-        raise UnreadableImageError(path, "empty file (0 bytes)")
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            image.load()
-            return np.asarray(to_rgb(image))
-    except UnidentifiedImageError:
-        raise UnreadableImageError(path, "not an image Pillow can read") from None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
-        raise UnreadableImageError(path, f"truncated, damaged or unsupported ({error})") from None
+        return decode_image_file(Path(path), limits).image.rgb
+    except ImageRefusedError as refused:
+        raise UnreadableImageError(path, refused.reason) from None
 
 
 # --------------------------------------------------------------------------- prediction
@@ -195,12 +187,12 @@ def _predict_images(model: Any, images: Sequence[np.ndarray]) -> pd.DataFrame:
 
 
 def _decoded_batch(
-    paths: Sequence[Path], on_skip: OnSkip | None
+    paths: Sequence[Path], on_skip: OnSkip | None, limits: ImageLimits | None
 ) -> tuple[list[Path], list[np.ndarray]]:
     kept, images = [], []
     for path in paths:
         try:
-            images.append(decode_image(path))
+            images.append(decode_image(path, limits))
         except UnreadableImageError as error:
             if on_skip is None:
                 raise
@@ -230,13 +222,14 @@ def predict_paths(
     *,
     on_skip: OnSkip | None = None,
     on_batch: OnBatch | None = None,
+    limits: ImageLimits | None = None,
 ) -> pd.DataFrame:
     """Predict every file with a pyfunc model, ``batch_size`` files per model call.
 
     Decoding happens batch by batch, so memory stays at one batch of images. An unreadable
     file raises ``UnreadableImageError`` naming it, unless ``on_skip`` is given: then it is
     reported there and left out. ``on_batch`` receives the number of files each batch
-    handled (for a progress bar).
+    handled (for a progress bar). ``limits``: what a file may be (``decode_image``).
     """
     if batch_size < 1:
         raise PredictError(f"batch size must be at least 1, got {batch_size}")
@@ -244,7 +237,7 @@ def predict_paths(
     frames: list[pd.DataFrame] = []
     for start in range(0, len(paths), batch_size):
         chunk = paths[start : start + batch_size]
-        batch_paths, images = _decoded_batch(chunk, on_skip)
+        batch_paths, images = _decoded_batch(chunk, on_skip, limits)
         if images:
             kept.extend(batch_paths)
             frames.append(_predict_images(model, images))
