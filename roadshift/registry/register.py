@@ -28,6 +28,7 @@ from roadshift.registry.lineage import directory_digest, sha256_file
 from roadshift.registry.lock import DEFAULT_LOCK_TIMEOUT_S, promotion_lock
 from roadshift.registry.model_card import DataSummary, render_model_card
 from roadshift.registry.pyfunc import log_pyfunc_model, read_model_spec
+from roadshift.registry.safe_load import load_checked_model
 from roadshift.registry.scoring import EvaluationSet, VersionScorer
 from roadshift.registry.tags import (
     CHALLENGER,
@@ -37,9 +38,9 @@ from roadshift.registry.tags import (
     GATE_METRIC,
     METRIC_TAG_PREFIX,
     REASON_TAG,
+    WEIGHTS_TAG,
 )
 
-WEIGHTS_TAG = "weights.sha256"
 MODEL_DIR_TAG = "model_dir.sha256"
 MODEL_CARD_TAG = "model_card.uri"
 
@@ -68,7 +69,8 @@ class RegistrationResult:
 
 
 def load_champion(name: str) -> mlflow.pyfunc.PyFuncModel:
-    return mlflow.pyfunc.load_model(f"models:/{name}@{CHAMPION}")
+    """The champion, loaded only after its files passed ``roadshift.registry.safe_load``."""
+    return load_checked_model(f"models:/{name}@{CHAMPION}")
 
 
 def _quoted(value: str) -> str:

@@ -64,14 +64,14 @@ def score_predictions(
 
 def score_model(model_uri: str, evaluation: EvaluationSet) -> Scores:
     """Load a registered pyfunc and score it on the raw images of ``evaluation``."""
-    import mlflow
     import pandas as pd
 
     from roadshift.registry.pyfunc import IMAGE_COLUMN
+    from roadshift.registry.safe_load import load_checked_model
 
     # no package-version comparison against the version's requirements (~0.5 s a model,
     # a scan of every installed distribution): it warns, never changes the scores
-    model = mlflow.pyfunc.load_model(model_uri, suppress_warnings=True)
+    model = load_checked_model(model_uri, suppress_warnings=True)
     frame = model.predict(pd.DataFrame({IMAGE_COLUMN: list(evaluation.images)}))
     predicted = [str(label) for label in frame["label"]]
     return score_predictions(
