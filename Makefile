@@ -15,7 +15,7 @@ export PREFECT_HOME ?= $(CURDIR)/.prefect
 # DVC runs each stage as `roadshift stage <name>`: it must find the venv's tools.
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: setup data run test test-fast bench lint format lock mlflow-ui prefect-ui
+.PHONY: setup data run test test-fast bench lint format lock mlflow-ui prefect-ui screenshots
 
 setup: $(STAMP)
 
@@ -39,6 +39,10 @@ mlflow-ui: $(STAMP)
 
 prefect-ui: $(STAMP)
 	$(VENV)/bin/prefect server start --host 127.0.0.1 --port 4200
+
+# PNGs of the MLflow runs and registered-model pages and the Prefect flow run (after make run).
+screenshots: $(STAMP)
+	PYTHONPATH=$(CURDIR) $(PY) docs/screenshots.py --root . --out docs/img
 
 test: $(STAMP)
 	$(PY) -m pytest

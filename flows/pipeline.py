@@ -19,6 +19,7 @@ from prefect.futures import PrefectFuture, wait
 from prefect.runtime import flow_run
 
 from roadshift.config import Params, load_params, params_to_dict
+from roadshift.data.mlflow_inputs import log_data_inputs, short_versions
 from roadshift.jsonio import read_metrics
 from roadshift.layout import Layout
 from roadshift.registry.lineage import lineage_tags, uncommitted_dvc_files
@@ -112,7 +113,11 @@ def training_pipeline(root: str = ".") -> PipelineResult:
     tags = {**lineage_tags(params, root_path, prefect_tags), "roadshift.stage": "pipeline"}
     with explain_tracking_outage(tracking_uri, "running the training pipeline"):
         configure_tracking(params, root_path)
-        with mlflow.start_run(run_name="training-pipeline", tags=tags) as parent:
+        # The run's name says what it is: its data versions, then the version it registered.
+        with mlflow.start_run(
+            run_name=f"pipeline {short_versions(data_versions)}", tags=tags
+        ) as parent:
+            log_data_inputs(params, root_path, "pipeline")
             mlflow.log_params(flatten_params(params))
             mlflow.log_dict(params_to_dict(params), "resolved_params.json")
             reports: list[PrefectFuture] = []
@@ -122,6 +127,10 @@ def training_pipeline(root: str = ".") -> PipelineResult:
                 metrics = read_metrics(Layout(root_path).metrics("evaluate"))
                 mlflow.log_metrics(metrics)
                 registration, _ = register(root_path, params, parent.info.run_id, prefect_tags)
+                mlflow.MlflowClient().update_run(
+                    parent.info.run_id,
+                    name=f"pipeline v{registration.version} {short_versions(data_versions)}",
+                )
             finally:
                 wait(reports)
             for report in reports:

@@ -204,6 +204,23 @@ def stage_params(stage: str, params: Params, root: Path) -> dict[str, str]:
     return {k: v for k, v in flat.items() if any(k == p or k.startswith(p + ".") for p in keys)}
 
 
+# What each stage run is, for its name on the Runs page: "finetune (fine-tune on target)".
+STAGE_TITLES = {
+    "prepare": "manifests and splits",
+    "validate": "data checks",
+    "pretrain": "pretrain on source",
+    "finetune": "fine-tune on target",
+    "scratch": "target from scratch",
+    "evaluate": "test splits",
+    "register": "registry",
+}
+
+
+def stage_run_name(stage: str) -> str:
+    title = STAGE_TITLES.get(stage)
+    return f"{stage} ({title})" if title else stage
+
+
 @contextmanager
 def stage_run(stage: str, params: Params, root: Path) -> Iterator[mlflow.ActiveRun]:
     """One MLflow run for one stage, nested under ``ROADSHIFT_PARENT_RUN_ID`` when set.
@@ -213,7 +230,7 @@ def stage_run(stage: str, params: Params, root: Path) -> Iterator[mlflow.ActiveR
     """
     parent_run_id = os.environ.get(PARENT_RUN_ENV, "").strip() or None
     with mlflow.start_run(
-        run_name=stage,
+        run_name=stage_run_name(stage),
         parent_run_id=parent_run_id,
         nested=parent_run_id is not None or mlflow.active_run() is not None,
         tags={STAGE_TAG: stage},

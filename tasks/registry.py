@@ -24,8 +24,10 @@ from pathlib import Path
 from prefect import task
 
 from roadshift.config import Params
+from roadshift.data.mlflow_inputs import log_data_inputs
 from roadshift.registry.lock import lock_path, registry_limit_name
 from roadshift.stages.register import run_register
+from roadshift.tracking import stage_run_name
 
 SLOT_TIMEOUT_S = 1800.0  # a registration scores the champion and logs a model: minutes at most
 
@@ -103,8 +105,11 @@ def register(root: Path, params: Params, parent_run_id: str, extra_tags: dict[st
 
     with (
         registry_slot(params.register.model_name, mlflow.get_registry_uri()) as slot,
-        mlflow.start_run(run_name="register", parent_run_id=parent_run_id, nested=True) as run,
+        mlflow.start_run(
+            run_name=stage_run_name("register"), parent_run_id=parent_run_id, nested=True
+        ) as run,
     ):
+        log_data_inputs(params, root, "register")
         mlflow.set_tag("roadshift.stage", "register")
         mlflow.set_tag("roadshift.registry_slot", slot)
         outcome = run_register(params, root, {**extra_tags, "mlflow.parent_run_id": parent_run_id})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 
@@ -11,7 +12,14 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from tests.helpers import TINY_PARAMS, make_project, venv_environment
+from tests.helpers import (
+    TINY_PARAMS,
+    launch_chromium,
+    make_project,
+    start_mlflow_ui,
+    stop_ui,
+    venv_environment,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
@@ -110,6 +118,57 @@ def test_pipeline_stages_are_nested_mlflow_runs_with_epoch_metrics(first_run, re
     assert len(history) == 2  # one point per epoch
 
 
+def _inputs(run) -> dict[str, tuple[str, str, str]]:
+    """name -> (digest, source uri, context) of a run's dataset inputs."""
+    found = {}
+    for entry in run.inputs.dataset_inputs:
+        context = next(t.value for t in entry.tags if t.key == "mlflow.data.context")
+        source = json.loads(entry.dataset.source)["uri"]
+        found[entry.dataset.name] = (entry.dataset.digest, source, context)
+    return found
+
+
+def test_runs_log_their_data_as_mlflow_dataset_inputs_and_say_what_they_are(first_run, registry_of):
+    root, result = first_run
+    client = registry_of(root)
+    source = _data_version(root / "data/raw/source.dvc")
+    target = _data_version(root / "data/raw/target.dvc")
+    pool = _data_version(root / "data/raw/target_unlabeled.dvc")
+    parent = client.get_run(result.mlflow_run_id)
+    assert parent.info.run_name == (
+        f"pipeline v{result.model_version} src:{source[:8]} tgt:{target[:8]}"
+    )
+    assert _inputs(parent) == {
+        "source": (source, "data/raw/source", "source"),
+        "target": (target, "data/raw/target", "target"),
+        "target_unlabeled": (pool, "data/raw/target_unlabeled", "unlabeled"),
+    }
+    children = {
+        run.data.tags["roadshift.stage"]: run
+        for run in client.search_runs(
+            [parent.info.experiment_id],
+            filter_string=f"tags.mlflow.parentRunId = '{result.mlflow_run_id}'",
+        )
+    }
+    assert children["finetune"].info.run_name == "finetune (fine-tune on target)"
+    assert _inputs(children["pretrain"]) == {"source": (source, "data/raw/source", "train")}
+    assert _inputs(children["finetune"]) == {
+        "target": (target, "data/raw/target", "train"),
+        "target_unlabeled": (pool, "data/raw/target_unlabeled", "unlabeled"),
+    }
+    assert {k: v[2] for k, v in _inputs(children["evaluate"]).items()} == {
+        "source": "test",
+        "target": "test",
+    }
+    assert _inputs(children["register"]) == {"target": (target, "data/raw/target", "test")}
+    # The Runs page filter: every run that read this target data version.
+    found = mlflow.search_runs(
+        [parent.info.experiment_id], filter_string=f"dataset.digest = '{target}'"
+    )
+    assert {result.mlflow_run_id, children["finetune"].info.run_id} <= set(found["run_id"])
+    assert children["pretrain"].info.run_id not in set(found["run_id"])
+
+
 def test_second_run_with_nothing_changed_skips_training_and_registers_nothing(first_run):
     from flows.pipeline import training_pipeline
 
@@ -133,3 +192,30 @@ def test_dvc_repro_reproduces_the_flows_outputs_bit_for_bit(first_run):
     assert set(lock_after["stages"]) == set(lock_before["stages"])
     for stage, recorded in lock_before["stages"].items():
         assert lock_after["stages"][stage].get("outs") == recorded.get("outs"), stage
+
+
+def test_the_mlflow_ui_shows_the_runs_datasets_and_the_champion_alias(first_run, tmp_path):
+    """Headless Chromium (Debian's, through Playwright) on `mlflow server` over this store."""
+    from playwright.sync_api import expect, sync_playwright
+
+    root, result = first_run
+    source = _data_version(root / "data/raw/source.dvc")
+    target = _data_version(root / "data/raw/target.dvc")
+    experiment = MlflowClient(f"sqlite:///{root / 'mlruns' / 'mlflow.db'}").get_run(
+        result.mlflow_run_id
+    )
+    server, url = start_mlflow_ui(root, tmp_path / "mlflow-ui.log")
+    try:
+        with sync_playwright() as playwright:
+            browser = launch_chromium(playwright)
+            page = browser.new_page(viewport={"width": 1600, "height": 1000})
+            page.goto(f"{url}/#/experiments/{experiment.info.experiment_id}/runs")
+            expect(page.get_by_text("pipeline v1", exact=False).first).to_be_visible(timeout=60_000)
+            # The Dataset column: each input's name with its DVC version as the digest.
+            expect(page.get_by_text(f"source ({source})", exact=False).first).to_be_visible()
+            assert f"target ({target})" in page.inner_text("body")
+            page.goto(f"{url}/#/models/tiny-road-signs")
+            expect(page.get_by_text("champion", exact=False).first).to_be_visible(timeout=60_000)
+            browser.close()
+    finally:
+        stop_ui(server)

@@ -20,6 +20,7 @@ from roadshift.cli import main
 from roadshift.config import Params, PrepareSection, RegisterSection, load_params, parse_params
 from roadshift.registry.gates import Scores, check_gates, forced_decision
 from roadshift.registry.lock import lock_path, registry_limit_name
+from roadshift.registry.model_metrics import stored_figures
 from roadshift.registry.register import RegistrationResult, register_model_dir
 from roadshift.registry.tags import CHAMPION, PREVIOUS_CHAMPION
 from roadshift.tracking import configure_tracking
@@ -229,7 +230,13 @@ def test_first_ever_promotion_then_a_recall_drop_is_refused_and_both_versions_sa
     assert tags["promotion.gate.margin"].startswith("skipped: no champion yet")
     assert tags["promotion.champion_version"] == "none"
     assert tags["promotion.mode"] == "pipeline"
-    assert tags["metrics.recall.give_way"] == "0.3"
+    assert "metrics.recall.give_way" not in tags  # a model metric now, read back as one:
+    assert (
+        stored_figures(MlflowClient().get_model_version(models.name, "1"))[
+            "metrics.recall.give_way"
+        ]
+        == "0.3"
+    )
 
     # Better macro-F1 by far, but stop's recall falls 0.9 -> 0.7: refused.
     second = models.register(0.75, {"stop": 0.7, "give_way": 0.9, "no_entry": 0.9})
@@ -245,7 +252,7 @@ def test_first_ever_promotion_then_a_recall_drop_is_refused_and_both_versions_sa
     assert challenger["promotion.champion_version"] == "1"
     assert challenger["champion_target_macro_f1"] == "0.6"
     assert challenger["champion_recall.stop"] == "0.9"
-    assert challenger["champion_scores_from"] == "stored tags of v1 (no test split given)"
+    assert challenger["champion_scores_from"] == "stored metrics of v1 (no test split given)"
     champion = models.tags("1")
     assert champion["promotion.challenged_by.2"].startswith("kept at ")
     assert "v2 refused" in champion["promotion.challenged_by.2"]
@@ -497,7 +504,10 @@ def test_two_processes_promoting_at_once_leave_one_consistent_champion(project):
     client = MlflowClient()
     orders = []
     for k, name in enumerate(names):
-        versions = {str(v.version): v.tags for v in client.search_model_versions(f"name='{name}'")}
+        versions = {
+            str(v.version): stored_figures(v)
+            for v in client.search_model_versions(f"name='{name}'")
+        }
         old = "1" if k % 2 else None
         racers = sorted(
             (v for v in versions if v != old), key=lambda v: versions[v]["promotion.at"]

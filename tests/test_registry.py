@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 import torch
 from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
 from mlflow.models import Model
 from PIL import Image
 from sklearn.metrics import f1_score
@@ -23,6 +24,7 @@ from roadshift.registry.aliases import champion_version
 from roadshift.registry.gates import decide_promotion
 from roadshift.registry.lineage import sha256_file
 from roadshift.registry.model_card import DataSummary, render_model_card
+from roadshift.registry.model_metrics import version_metrics
 from roadshift.registry.register import RegistrationResult, load_champion, register_model_dir
 from roadshift.registry.scoring import EvaluationSet
 from roadshift.registry.tags import CHAMPION_GATE_METRIC
@@ -98,7 +100,8 @@ def test_first_registration_becomes_challenger_and_champion_with_lineage(store, 
     assert first.aliases == {"challenger": "1", "champion": "1"}
     tags = MlflowClient().get_model_version(NAME, "1").tags
     assert tags["weights.sha256"] == sha256_file(store / "models/first/weights.safetensors")
-    assert tags["metrics.target_macro_f1"] == "0.6"
+    assert not [key for key in tags if key.startswith("metrics.")]  # metrics live on the model
+    assert version_metrics(MlflowClient().get_model_version(NAME, "1")) == {"target_macro_f1": 0.6}
     assert tags["git.commit"] == "c0ffee"
     assert tags["promotion.decision"] == "promoted"
     assert "no champion yet" in tags["promotion.reason"]
@@ -177,7 +180,8 @@ def test_the_champion_predicts_from_png_bytes_as_from_the_decoded_array(history)
     ],
 )
 def test_bad_inputs_are_refused_with_a_reason(history, bad_input, message):
-    with pytest.raises(ValueError, match=message):
+    # MlflowException: the scoring server answers it with a 400 and this message, no traceback
+    with pytest.raises(MlflowException, match=message):
         load_champion(NAME).predict(bad_input)
 
 
@@ -380,9 +384,21 @@ def test_a_champion_that_cannot_be_loaded_falls_back_to_its_stored_tags_and_says
         )
     assert result.champion_scores.macro_f1 == 0.65
     assert result.champion_scores.source.startswith(
-        "stored tags of v1: it could not be loaded to score on a crafted split (12 images) ("
+        "stored metrics of v1: it could not be loaded to score on a crafted split (12 images) ("
     )
     assert result.decision == "refused"
     tags = client.get_model_version(cfg.model_name, result.version).tags
     assert tags["champion_scores_from"] == result.champion_scores.source
     assert "gain -0.0500" in tags["promotion.reason"]
+
+
+def test_a_version_keeps_its_metrics_on_its_logged_model_and_says_what_it_is(history):
+    """The versions table shows a short description, the version page the model metrics."""
+    client = MlflowClient()
+    version = client.get_model_version(NAME, "3")
+    metrics = mlflow.get_logged_model(version.source.removeprefix("models:/")).metrics
+    assert {m.key: m.value for m in metrics} == {"target_macro_f1": 0.7}
+    assert version.description.startswith("Target test split: target_macro_f1 0.7000.")
+    assert "Promotion at registration: promoted: " in version.description
+    refused = client.get_model_version(NAME, "2").description
+    assert "Promotion at registration: refused: " in refused

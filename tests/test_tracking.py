@@ -89,7 +89,7 @@ def test_stage_run_nests_under_the_parent_named_in_the_environment(project, monk
             log_epoch({"train_loss": 1.0 / (epoch + 1), "val_accuracy": 0.3 * epoch}, epoch)
 
     child = client.get_run(run.info.run_id)
-    assert child.info.run_name == "pretrain"
+    assert child.info.run_name == "pretrain (pretrain on source)"
     assert child.info.status == "FINISHED"
     assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
     assert child.data.tags["roadshift.stage"] == "pretrain"

@@ -31,6 +31,7 @@ from roadshift.registry.gates import (
     forced_decision,
 )
 from roadshift.registry.lock import DEFAULT_LOCK_TIMEOUT_S, PromotionError, promotion_lock
+from roadshift.registry.model_metrics import stored_figures
 from roadshift.registry.scoring import EvaluationSet, VersionScorer
 from roadshift.registry.tags import (
     AGAINST_TAG,
@@ -299,7 +300,8 @@ def promote_version(
         raise PromotionError("--force needs --reason: say why the gates are being bypassed")
     candidate = existing_version(client, name, version)
     scorer = VersionScorer(name, evaluation)
-    challenger = replace(scorer(candidate), baselines=baselines_from_tags(candidate.tags))
+    baselines = baselines_from_tags(stored_figures(candidate))
+    challenger = replace(scorer(candidate), baselines=baselines)
     champion = champion_version(client, name)
     if champion is not None and str(champion.version) != str(candidate.version):
         scorer(champion)  # score outside the lock; re-scored inside only if it moved

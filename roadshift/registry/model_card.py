@@ -191,3 +191,40 @@ def render_model_card(
     lines += ["| tag | value |", "|---|---|"]
     lines += [f"| {key} | `{value}` |" for key, value in sorted(tags.items())]
     return "\n".join(lines) + "\n"
+
+
+# The figures a version's one-paragraph description leads with, in this order.
+HEADLINE_METRICS = (
+    GATE_METRIC,
+    "target_accuracy",
+    "source_only_target_macro_f1",
+    "scratch_target_macro_f1",
+)
+DESCRIPTION_REASON_CHARS = 300
+
+
+def version_description(
+    metrics: Mapping[str, float], tags: Mapping[str, str], decision: PromotionDecision
+) -> str:
+    """The registry's description of a version: headline metrics, data versions, the decision.
+
+    Short on purpose (the model card holds the rest): it is what the versions table and the
+    version page show first.
+    """
+    figures = ", ".join(
+        f"{key} {_fmt(float(metrics[key]))}" for key in HEADLINE_METRICS if key in metrics
+    )
+    data = ", ".join(
+        f"{key.removeprefix('data.').removesuffix('.version')} {value[:8]}"
+        for key, value in sorted(tags.items())
+        if key.startswith("data.") and key.endswith(".version")
+    )
+    reason = decision.reason
+    if len(reason) > DESCRIPTION_REASON_CHARS:
+        reason = reason[: DESCRIPTION_REASON_CHARS - 3] + "..."
+    lines = [
+        f"Target test split: {figures or 'no metrics'}.",
+        f"Data (DVC versions): {data or 'unknown'}.",
+        f"Promotion at registration: {decision.label}: {reason}",
+    ]
+    return "\n\n".join(lines)

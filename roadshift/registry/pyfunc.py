@@ -1,9 +1,12 @@
-"""The registered model: a self-contained MLflow pyfunc, and logging it.
+"""The registered model: an MLflow pyfunc logged as "models from code", and logging it.
 
-A registered version is a pyfunc whose artifact is the roadshift model folder
-and whose code is this package, so ``models:/<name>@champion`` loads and predicts
-from raw RGB images anywhere, with the same resize and normalisation as
-evaluation used (``create_eval_transform``): no train/serve skew.
+A registered version holds data files only: the roadshift model folder (safetensors weights,
+``model.json``), MLflow's YAML/JSON metadata and ``model_code.py``, which names this module's
+``RoadSignClassifier`` from the installed roadshift. Nothing is pickled and no copy of the
+package travels, so loading a version runs no code taken from the artifact store (roadshift's
+loader checks that file is its own first: ``roadshift.registry.safe_load``).
+``models:/<name>@champion`` predicts from raw RGB images with the same resize and
+normalisation as evaluation used (``create_eval_transform``): no train/serve skew.
 
 Registering it as a version is ``roadshift.registry.register``.
 """
@@ -21,13 +24,18 @@ from typing import Any
 import mlflow
 import numpy as np
 import pandas as pd
+from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
+from mlflow.protos.databricks_pb2 import BAD_REQUEST
 from mlflow.types import ColSpec, Schema
 
+from roadshift.registry.tags import MODEL_CODE_FILE_NAME, MODEL_DIR_ARTIFACT
 from roadshift.train.models import ModelSpec
 
 IMAGE_COLUMN = "image"
 LOGGED_MODEL_NAME = "model"
+# The file MLflow runs to build the model; logged beside the weights as itself.
+MODEL_CODE_FILE = Path(__file__).with_name(MODEL_CODE_FILE_NAME)
 _PREDICT_BATCH = 256
 
 # What the pyfunc imports when it loads and predicts (roadshift itself travels as code).
@@ -60,11 +68,21 @@ class RoadSignClassifier(mlflow.pyfunc.PythonModel):
         from roadshift.data.transforms import create_eval_transform
         from roadshift.train.models import load_model_dir
 
-        self.model, self.spec = load_model_dir(Path(context.artifacts["model_dir"]))
+        self.model, self.spec = load_model_dir(Path(context.artifacts[MODEL_DIR_ARTIFACT]))
         self.transform = create_eval_transform(self.spec.image_size, self.spec.mean, self.spec.std)
 
-    def predict(self, context, model_input, params=None) -> pd.DataFrame:
-        images = images_from_input(model_input)
+    def predict(self, context, model_input: np.ndarray, params=None) -> pd.DataFrame:
+        """``model_input``: the array batch, or a DataFrame of encoded images.
+
+        The ``np.ndarray`` hint is one MLflow infers no schema from, so it converts and checks
+        nothing (this method does, for both forms). A bad input is an ``MlflowException``
+        (HTTP 400 from the scoring server) with the model's own message and no traceback,
+        so an error body carries no server file paths.
+        """
+        try:
+            images = images_from_input(model_input)
+        except (ValueError, TypeError) as error:
+            raise MlflowException(str(error), error_code=BAD_REQUEST) from None
         chunks = [
             self._probabilities(images[start : start + _PREDICT_BATCH])
             for start in range(0, len(images), _PREDICT_BATCH)
@@ -179,11 +197,6 @@ def serving_requirements() -> list[str]:
     return pins
 
 
-def _package_dir() -> Path:
-    """The roadshift package folder (this module sits in roadshift/registry/)."""
-    return Path(__file__).resolve().parents[1]
-
-
 def read_model_spec(model_dir: Path) -> ModelSpec:
     spec_path = Path(model_dir) / "model.json"
     weights_path = Path(model_dir) / "weights.safetensors"
@@ -198,14 +211,18 @@ def read_model_spec(model_dir: Path) -> ModelSpec:
 def log_pyfunc_model(
     model_dir: Path, name: str = LOGGED_MODEL_NAME
 ) -> mlflow.models.model.ModelInfo:
-    """Log the model folder as a pyfunc to the active run."""
+    """Log the model folder as a models-from-code pyfunc to the active run.
+
+    No ``code_paths``: the model imports the installed roadshift wherever it is loaded or
+    served (``serving_requirements`` pins what it needs besides), so nothing importable
+    travels in the artifact store.
+    """
     spec = read_model_spec(model_dir)
     example = np.zeros((1, spec.image_size, spec.image_size, 3), dtype=np.uint8)
     return mlflow.pyfunc.log_model(
         name=name,
-        python_model=RoadSignClassifier(),
-        artifacts={"model_dir": str(Path(model_dir).resolve())},
-        code_paths=[str(_package_dir())],
+        python_model=str(MODEL_CODE_FILE),
+        artifacts={MODEL_DIR_ARTIFACT: str(Path(model_dir).resolve())},
         signature=model_signature(spec),
         input_example=example,
         pip_requirements=serving_requirements(),

@@ -26,8 +26,10 @@ from roadshift.registry.aliases import (
 from roadshift.registry.gates import GateResult, Scores, recall_tags, scores_from_metrics
 from roadshift.registry.lineage import directory_digest, sha256_file
 from roadshift.registry.lock import DEFAULT_LOCK_TIMEOUT_S, promotion_lock
-from roadshift.registry.model_card import DataSummary, render_model_card
+from roadshift.registry.model_card import DataSummary, render_model_card, version_description
+from roadshift.registry.model_metrics import log_model_metrics
 from roadshift.registry.pyfunc import log_pyfunc_model, read_model_spec
+from roadshift.registry.safe_load import load_checked_model
 from roadshift.registry.scoring import EvaluationSet, VersionScorer
 from roadshift.registry.tags import (
     CHALLENGER,
@@ -37,9 +39,9 @@ from roadshift.registry.tags import (
     GATE_METRIC,
     METRIC_TAG_PREFIX,
     REASON_TAG,
+    WEIGHTS_TAG,
 )
 
-WEIGHTS_TAG = "weights.sha256"
 MODEL_DIR_TAG = "model_dir.sha256"
 MODEL_CARD_TAG = "model_card.uri"
 
@@ -68,7 +70,8 @@ class RegistrationResult:
 
 
 def load_champion(name: str) -> mlflow.pyfunc.PyFuncModel:
-    return mlflow.pyfunc.load_model(f"models:/{name}@{CHAMPION}")
+    """The champion, loaded only after its files passed ``roadshift.registry.safe_load``."""
+    return load_checked_model(f"models:/{name}@{CHAMPION}")
 
 
 def _quoted(value: str) -> str:
@@ -88,20 +91,24 @@ def version_with_weights(
     return min(matching, key=lambda v: int(v.version), default=None)
 
 
-def _version_tags(
-    metrics: Mapping[str, float],
-    per_class: Mapping[str, Mapping[str, float]] | None,
-    tags: Mapping[str, str],
-    weights_sha256: str,
-    model_dir: Path,
-) -> dict[str, str]:
+def _version_tags(tags: Mapping[str, str], weights_sha256: str, model_dir: Path) -> dict[str, str]:
+    """Lineage only: the metrics go on the logged model (``roadshift.registry.model_metrics``)."""
     return {
         **{key: str(value) for key, value in tags.items()},
-        **{METRIC_TAG_PREFIX + key: repr(float(value)) for key, value in metrics.items()},
-        **recall_tags(per_class),
         WEIGHTS_TAG: weights_sha256,
         MODEL_DIR_TAG: directory_digest(model_dir),
     }
+
+
+def _model_metrics(
+    metrics: Mapping[str, float], per_class: Mapping[str, Mapping[str, float]] | None
+) -> dict[str, float]:
+    """The evaluate stage's figures and ``recall.<class>``: what the gates read back later."""
+    recall = {
+        key.removeprefix(METRIC_TAG_PREFIX): float(value)
+        for key, value in recall_tags(per_class).items()
+    }
+    return {**{key: float(value) for key, value in metrics.items()}, **recall}
 
 
 def _already_registered(
@@ -148,9 +155,9 @@ def register_model_dir(
     already are one; alias it ``challenger`` and promote it to ``champion`` if the gates pass.
 
     ``per_class`` is the evaluate stage's per-class table (its recall feeds the class-recall
-    gate and becomes ``metrics.recall.<class>`` tags). ``evaluation`` is the current target
+    gate and becomes the model metric ``recall.<class>``). ``evaluation`` is the current target
     test split: the champion is scored on it, so both sides are compared on the same data;
-    without it the champion's stored tags stand in. ``data`` feeds the model card.
+    without it the champion's stored metrics stand in. ``data`` feeds the model card.
 
     Call inside an active MLflow run: the pyfunc model and the model card are logged to it.
     """
@@ -182,6 +189,8 @@ def register_model_dir(
     if champion is not None:
         scorer(champion)  # the slow part (load + predict) before the lock; redone only if moved
     model_info = log_pyfunc_model(model_dir) if existing is None else None
+    if model_info is not None:
+        log_model_metrics(model_info.model_id, _model_metrics(metrics, per_class))
 
     store_uri = mlflow.get_registry_uri()
     with promotion_lock(store_uri, name, lock_timeout):
@@ -193,7 +202,7 @@ def register_model_dir(
             registered = mlflow.register_model(
                 model_info.model_uri,
                 name,
-                tags=_version_tags(metrics, per_class, tags, weights_sha256, model_dir),
+                tags=_version_tags(tags, weights_sha256, model_dir),
             )
             version = str(registered.version)
         else:  # registered by an earlier attempt that stopped before deciding: decide now
@@ -212,6 +221,9 @@ def register_model_dir(
             lock_timeout=lock_timeout,
         )
 
+    client.update_model_version(
+        name, version, description=version_description(metrics, tags, outcome.decision)
+    )
     card = render_model_card(
         name,
         version,

@@ -31,6 +31,7 @@ from roadshift.errors import RoadshiftError
 from roadshift.jsonio import read_metrics
 from roadshift.layout import Layout
 from roadshift.registry.lineage import params_hash, sha256_file
+from roadshift.registry.model_metrics import stored_figures
 
 RESOLVED_PARAMS_ARTIFACT = "resolved_params.json"
 REPRODUCES_TAG = "roadshift.reproduces"
@@ -366,7 +367,7 @@ def reproduce_registered(
     tracking_uri = resolve_tracking_uri(params.tracking, root)
     name = params.register.model_name
     found = _find_version(MlflowClient(), name, version, run_id)
-    lineage = Lineage.from_tags(name, str(found.version), found.tags)
+    lineage = Lineage.from_tags(name, str(found.version), stored_figures(found))
     with mlflow.start_run(
         run_name=f"reproduce-{name}-v{lineage.version}",
         tags={REPRODUCES_TAG: f"models:/{name}/{lineage.version}"},

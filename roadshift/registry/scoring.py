@@ -13,6 +13,7 @@ from pathlib import Path
 from mlflow.entities.model_registry import ModelVersion
 
 from roadshift.registry.gates import Scores, scores_from_tags, tag_safe
+from roadshift.registry.model_metrics import stored_figures
 from roadshift.registry.tags import CHAMPION_GATE_METRIC
 
 
@@ -64,14 +65,14 @@ def score_predictions(
 
 def score_model(model_uri: str, evaluation: EvaluationSet) -> Scores:
     """Load a registered pyfunc and score it on the raw images of ``evaluation``."""
-    import mlflow
     import pandas as pd
 
     from roadshift.registry.pyfunc import IMAGE_COLUMN
+    from roadshift.registry.safe_load import load_checked_model
 
     # no package-version comparison against the version's requirements (~0.5 s a model,
     # a scan of every installed distribution): it warns, never changes the scores
-    model = mlflow.pyfunc.load_model(model_uri, suppress_warnings=True)
+    model = load_checked_model(model_uri, suppress_warnings=True)
     frame = model.predict(pd.DataFrame({IMAGE_COLUMN: list(evaluation.images)}))
     predicted = [str(label) for label in frame["label"]]
     return score_predictions(
@@ -82,7 +83,7 @@ def score_model(model_uri: str, evaluation: EvaluationSet) -> Scores:
 class VersionScorer:
     """Scores registered versions on one evaluation set, each version once.
 
-    Without an evaluation set, or when a version cannot be loaded, its stored tags stand in,
+    Without an evaluation set, or when a version cannot be loaded, its stored metrics stand in,
     and ``Scores.source`` says so and why. A registration scores the champion before taking
     the lock and again inside it only if the champion changed meanwhile.
     """
@@ -109,7 +110,9 @@ class VersionScorer:
     def _scores(self, version: ModelVersion) -> Scores:
         label = f"v{version.version}"
         if self.evaluation is None:
-            stored = scores_from_tags(version.tags, f"stored tags of {label} (no test split given)")
+            stored = scores_from_tags(
+                stored_figures(version), f"stored metrics of {label} (no test split given)"
+            )
             if self._hint is not None:
                 return replace(
                     stored, macro_f1=self._hint, source=f"{CHAMPION_GATE_METRIC} given in metrics"
@@ -120,7 +123,7 @@ class VersionScorer:
         except Exception as error:  # any load/predict failure: fall back, and say so
             message = " ".join(str(error).split())[:300]
             return scores_from_tags(
-                version.tags,
-                f"stored tags of {label}: it could not be loaded to score on "
+                stored_figures(version),
+                f"stored metrics of {label}: it could not be loaded to score on "
                 f"{self.evaluation.description} ({type(error).__name__}: {message})",
             )

@@ -44,5 +44,11 @@ LAST_CHALLENGE_TAG = "promotion.last_challenge"
 ROLLED_BACK_TAG = "rolled_back"  # on the version rolled back from; kept for good
 RESTORED_TAG = "restored"  # on the version rolled back to
 
+# What registration records about the logged model, and the names of its files.
+WEIGHTS_TAG = "weights.sha256"  # of weights.safetensors; the loader checks it before loading
+MODEL_DIR_ARTIFACT = "model_dir"  # the pyfunc artifact holding weights + model.json
+MODEL_CODE_FILE_NAME = "model_code.py"  # the models-from-code file (roadshift/registry/)
+WEIGHTS_FILE_NAME = "weights.safetensors"
+
 # The values of DECISION_TAG.
 PROMOTED, REFUSED, FORCED = "promoted", "refused", "forced"

@@ -34,9 +34,6 @@ PATH_COLUMN = "path"
 LABEL_COLUMN = "label"
 CONFIDENCE_COLUMN = "confidence"
 OUTPUT_FORMATS = {".csv": "csv", ".json": "json"}
-# MLflow asks for type hints on RoadSignClassifier.predict whenever the class is imported;
-# whoever runs a prediction cannot act on it (and hints would change the serving payload).
-_TYPE_HINT_NAG = "Add type hints to the `predict` method"
 
 OnSkip = Callable[[Path, str], None]
 OnBatch = Callable[[int], None]
@@ -145,15 +142,19 @@ def decode_image(path: Path, limits: ImageLimits | None = None) -> np.ndarray:
 
 
 def load_registry_model(model_uri: str) -> Any:
-    """``mlflow.pyfunc.load_model`` with a message that says what to do when nothing is there."""
+    """The model at ``model_uri``, its files checked first (``roadshift.registry.safe_load``:
+    nothing from the artifact store is unpickled or run unless it is roadshift's own), with a
+    message that says what to do when nothing is there."""
     import mlflow
     from mlflow.exceptions import MlflowException
+
+    from roadshift.registry.safe_load import load_checked_model
 
     try:
         with warnings.catch_warnings(record=True) as caught:
             # record=True: MLflow's loader installs its own "once" filter, ahead of any we add.
             warnings.simplefilter("default")
-            model = mlflow.pyfunc.load_model(model_uri)
+            model = load_checked_model(model_uri)
     except MlflowException as error:
         store = mlflow.get_tracking_uri()
         hint = (
@@ -165,7 +166,7 @@ def load_registry_model(model_uri: str) -> Any:
         raise ModelNotFoundError(
             f"cannot load {model_uri} from {store}: {error.message}; {hint}"
         ) from None
-    _show_warnings(w for w in caught if _TYPE_HINT_NAG not in str(w.message))
+    _show_warnings(caught)
     return model
 
 

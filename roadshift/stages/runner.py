@@ -60,6 +60,7 @@ def run_stage_command(name: str, params: Params, root: Path, argv: list[str]) ->
 
     ``argv`` is the command's own arguments, to start it again under torchrun.
     """
+    from roadshift.data.mlflow_inputs import log_data_inputs
     from roadshift.tracking import (
         MetricLogger,
         configure_tracking,
@@ -90,6 +91,7 @@ def run_stage_command(name: str, params: Params, root: Path, argv: list[str]) ->
         with explain_tracking_outage(tracking_uri, f"running stage {name}"):
             configure_tracking(params, root)
             with stage_run(name, params, root):
+                log_data_inputs(params, root, name)  # the Runs page's Dataset column
                 outcome = run_stage(name, params, root, on_epoch_end=MetricLogger())
                 log_stage_outcome(outcome)
         print_headline(name, outcome, root)
