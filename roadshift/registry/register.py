@@ -140,6 +140,26 @@ def _log_model_card(client: MlflowClient, name: str, version: str, card: str) ->
     return uri
 
 
+def _create_version(client, name: str, model_info, tags: Mapping[str, str]):
+    """A new version of ``name`` from the logged model, through the client API: what
+    ``mlflow.register_model`` does, without its messages printed to stderr."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
+
+    try:
+        client.create_registered_model(name)
+    except MlflowException as error:
+        if error.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
+            raise
+    return client.create_model_version(
+        name,
+        model_info.model_uri,
+        run_id=model_info.run_id,
+        tags=dict(tags),
+        model_id=model_info.model_id,
+    )
+
+
 def register_model_dir(
     model_dir: Path,
     metrics: Mapping[str, float],
@@ -199,10 +219,8 @@ def register_model_dir(
         if existing is not None and DECISION_TAG in existing.tags:
             return _already_registered(client, existing, weights_sha256)
         if existing is None:
-            registered = mlflow.register_model(
-                model_info.model_uri,
-                name,
-                tags=_version_tags(tags, weights_sha256, model_dir),
+            registered = _create_version(
+                client, name, model_info, _version_tags(tags, weights_sha256, model_dir)
             )
             version = str(registered.version)
         else:  # registered by an earlier attempt that stopped before deciding: decide now
