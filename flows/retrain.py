@@ -62,6 +62,30 @@ def compare_with_champion(
     )
 
 
+SUGGEST_COMMAND = "roadshift label suggest --n 40"
+
+
+@task(name="shifted-inputs")
+def shifted_inputs(root: Path, params: Params) -> str:
+    """Markdown listing the production batches flagged shifted against the champion (``roadshift
+    predict --shift/--keep-unlabelled``), with the command that picks what to label; empty
+    when none or no champion."""
+    from mlflow import MlflowClient
+
+    from roadshift.registry.aliases import champion_version
+    from roadshift.serve.monitor import shift_markdown, shifted_batches
+    from roadshift.tracking import configure_tracking
+
+    configure_tracking(params, root)
+    client = MlflowClient()
+    name = params.register.model_name
+    champion = champion_version(client, name)
+    if champion is None:
+        return ""
+    batches = shifted_batches(client, params.tracking.experiment, name, str(champion.version))
+    return shift_markdown(batches, f"v{champion.version}", SUGGEST_COMMAND)
+
+
 def _notify_failure(flow: Flow, flow_run: FlowRun, state: State) -> None:
     """Prefect on_failure hook: tell the team, if a webhook block is configured."""
     root = Path(flow_run.parameters.get("root", ".")).resolve()
@@ -85,15 +109,20 @@ def scheduled_retraining(root: str = ".") -> RetrainOutcome:
     data_versions = version_data(root_path, params)
     decision = compare_with_champion(root_path, params, data_versions)
     print(decision.reason)
+    shifted = shifted_inputs(root_path, params)
+    if shifted:
+        print(shifted)
     if not decision.retrain:
         create_markdown_artifact(
-            f"## Nothing to retrain\n\n{decision.reason}\n",
+            f"## Nothing to retrain\n\n{decision.reason}\n\n{shifted}",
             key=DECISION_ARTIFACT_KEY,
             description="scheduled retraining: no new data or params",
         )
         return RetrainOutcome(retrained=False, reason=decision.reason)
     create_markdown_artifact(
-        "## Retraining\n\n" + "\n".join(f"- {change}" for change in decision.changes) + "\n",
+        "## Retraining\n\n"
+        + "\n".join(f"- {change}" for change in decision.changes)
+        + f"\n\n{shifted}",
         key=DECISION_ARTIFACT_KEY,
         description="scheduled retraining: what changed since the champion",
     )

@@ -81,6 +81,7 @@ def command_synth(args: argparse.Namespace) -> int:
     from roadshift.data.synth import (
         add_target_batch,
         synthesize_dataset,
+        synthesize_production_batch,
         synthesize_unlabeled_pool,
         write_contact_sheet,
     )
@@ -91,6 +92,19 @@ def command_synth(args: argparse.Namespace) -> int:
     target_dir = root / params.data.target.path
     pool = params.data.target.unlabeled_path
     pool_dir = root / pool if pool is not None else None
+    if args.production_batch:
+        if not args.out:
+            raise ConfigError("data synth --production-batch needs --out FOLDER")
+        classes = synthesize_production_batch(
+            Path(args.out),
+            args.production_batch,
+            params.synth.image_size,
+            params.base.seed,
+            args.condition,
+            args.batch_id,
+        )
+        print(f"wrote {len(classes)} unlabelled {args.condition} target photos to {args.out}")
+        return 0
     if args.add_target_batch:
         count = add_target_batch(
             target_dir,
@@ -136,6 +150,12 @@ def command_data_add(args: argparse.Namespace) -> int:
     result = add_domain_data(params, root, args.domain, Path(args.path))
     print(f"added {len(result.copied)} image(s) under {result.domain_dir}")
     print(f"{args.domain} data version: {result.old_version or 'none'} -> {result.new_version}")
+    if result.pool_versions is not None:
+        old, new = result.pool_versions
+        print(
+            f"removed {len(result.removed_from_pool)} now-labelled image(s) from the unlabelled "
+            f"pool; target_unlabeled data version: {old or 'none'} -> {new}"
+        )
     return 0
 
 
@@ -220,6 +240,85 @@ def _run_predict(args: argparse.Namespace, params: Params, root: Path) -> int:
         print(f"{len(frame)} prediction(s) written to {written}", file=sys.stderr)
     else:
         print(predict.format_table(frame))
+    if args.keep_unlabelled or args.shift:
+        _monitor_batch(args, params, root, [Path(p) for p in frame[predict.PATH_COLUMN]])
+    return 0
+
+
+def _monitor_batch(args: argparse.Namespace, params: Params, root: Path, paths: list) -> None:
+    """Shift report of the predicted batch (console on stderr, JSON, MLflow run; the webhook
+    if shifted), and with --keep-unlabelled the images kept in the pool as a new data version."""
+    import contextlib
+    from dataclasses import replace
+
+    from roadshift.serve import monitor
+    from roadshift.serve.features import registered_model
+
+    name = monitor.batch_name()
+    with registered_model(params.register.model_name, _model_version(args.model)) as loaded:
+        report = monitor.measure_batch(loaded, paths, params, root, name, args.inputs)
+    if args.keep_unlabelled:
+        from roadshift.data.versioning import keep_unlabeled_images
+
+        with contextlib.redirect_stdout(sys.stderr):  # DVC's hints: stdout holds predictions
+            kept = keep_unlabeled_images(params, root, paths, name)
+        report = replace(report, kept_in_pool=len(kept.copied), pool_version=kept.new_version)
+        print(
+            f"kept {len(kept.copied)} image(s) in the unlabelled pool {kept.pool_dir} "
+            f"({len(kept.already_in_pool)} already there, {len(kept.already_labelled)} already "
+            f"labelled); target_unlabeled data version: {kept.old_version or 'none'} -> "
+            f"{kept.new_version}",
+            file=sys.stderr,
+        )
+    path = monitor.write_report(report, root)
+    run_id = monitor.log_report(report, path, loaded.registered.model_id)
+    print(monitor.format_report(report), file=sys.stderr)
+    print(f"  report: {path}; MLflow run {run_id}", file=sys.stderr)
+    block = params.retrain.notify_webhook_block
+    if report.verdict.shifted and block:
+        from tasks.notify import notify_quietly
+
+        sent = notify_quietly(block, monitor.webhook_payload(report, path, run_id))
+        print(f"  webhook {block!r}: {'notified' if sent else 'FAILED (see log)'}", file=sys.stderr)
+
+
+def _model_version(model_uri: str | None) -> str | None:
+    """The version named by ``models:/<name>/<N>`` (None: the champion) for the shift report."""
+    if not model_uri:
+        return None
+    tail = model_uri.rstrip("/").rsplit("/", 1)[-1]
+    return tail if tail.isdigit() else None
+
+
+def command_label_suggest(args: argparse.Namespace) -> int:
+    from datetime import UTC, datetime
+
+    from roadshift.serve.features import registered_model
+    from roadshift.serve.suggest import suggest_for_labelling
+    from roadshift.tracking import configure_existing_store
+
+    root = Path(args.root).resolve()
+    params = load_params(root / args.params)
+    configure_existing_store(params, root)
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    out = Path(args.out) if args.out else root / "labelling" / f"suggested-{stamp}"
+    with registered_model(params.register.model_name, args.model_version) as loaded:
+        result = suggest_for_labelling(loaded, params, root, args.n, out)
+    label = loaded.registered.label
+    skipped = ", ".join(f"{count} {why}" for why, count in result.excluded.items()) or "none"
+    print(
+        f"{len(result.chosen)} of {result.pool_images} unlabelled image(s) suggested by {label} "
+        f"(never suggested: {skipped})"
+    )
+    for suggestion, file in zip(result.chosen, result.files, strict=True):
+        print(
+            f"  #{suggestion.rank:<3} {file.name}  {suggestion.label} "
+            f"p={suggestion.confidence:.2f}  uncertainty {suggestion.uncertainty:.2f}  "
+            f"distance {suggestion.distance:.2f}"
+        )
+    print(f"images: {result.out_dir}  (sort each into its <class>/ folder there)")
+    print(f"why each was chosen: {result.csv}; contact sheet: {result.sheet}")
+    print(f"then: roadshift data add target {result.out_dir}")
     return 0
 
 
@@ -391,6 +490,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--add-target-batch", type=int, metavar="PER_CLASS", help="add new labelled target images"
     )
     synth.add_argument("--batch-id", default="batch1", help="name of the new target batch")
+    synth.add_argument(
+        "--production-batch",
+        type=int,
+        metavar="PER_CLASS",
+        help="write unlabelled target photos, as production would send them, to --out",
+    )
+    synth.add_argument(
+        "--condition", default="day", choices=("day", "night"), help="light of --production-batch"
+    )
+    synth.add_argument("--out", help="folder for --production-batch")
     synth.set_defaults(handler=command_synth)
     add = data.add_parser("add", help="add labelled images to a domain as a new DVC data version")
     add.add_argument("domain", choices=("source", "target"))
@@ -419,8 +528,36 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument(
         "--skip-bad", action="store_true", help="skip unreadable images and list them at the end"
     )
+    predict.add_argument(
+        "--keep-unlabelled",
+        action="store_true",
+        help="keep the scored images in the unlabelled target pool (a new DVC data version, "
+        "no image twice) and report the batch's shift (implies --shift)",
+    )
+    predict.add_argument(
+        "--shift",
+        action="store_true",
+        help="report how far the batch is from the champion's target data (console, "
+        "reports/shift/, MLflow; the webhook when shifted past params' monitor limits)",
+    )
     predict.add_argument("--params", default="params.yaml", help="defaults if absent")
     predict.set_defaults(handler=command_predict)
+
+    label = sub.add_parser("label", help="labelling commands").add_subparsers(dest="label_command")
+    suggest = label.add_parser(
+        "suggest", help="rank the unlabelled pool with the champion: which images to label next"
+    )
+    suggest.add_argument("--n", type=_positive_int, default=40, help="how many to suggest")
+    suggest.add_argument(
+        "--out",
+        help="new folder for the images, CSV and contact sheet "
+        "(default labelling/suggested-<UTC time>)",
+    )
+    suggest.add_argument(
+        "--model-version", metavar="N", help="rank with this version, not the champion"
+    )
+    suggest.add_argument("--params", default="params.yaml")
+    suggest.set_defaults(handler=command_label_suggest)
 
     promote = sub.add_parser(
         "promote", help="make a registered version champion if it passes the gates (or --force)"

@@ -462,6 +462,68 @@ class RetrainSection(_Section):
         return self
 
 
+class MonitorSection(_Section):
+    """Shift of production inputs (``roadshift predict --keep-unlabelled`` or ``--shift``): a
+    batch whose figures pass a limit here is flagged shifted, notified and listed for labelling."""
+
+    max_domain_distance: float | None = Field(
+        1.0,
+        ge=0,
+        le=2,
+        description="largest proxy A-distance (0..2) between the batch and the target train "
+        "images, on the champion's embeddings; None = not checked",
+    )
+    max_confidence_drop: float | None = Field(
+        0.15,
+        ge=0,
+        le=1,
+        description="largest fall of the mean top probability from the target test split to "
+        "the batch; None = not checked",
+    )
+    max_confidence_ks: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="largest Kolmogorov-Smirnov statistic between the two confidence "
+        "distributions; None = reported, not checked",
+    )
+    min_batch_size: int = Field(
+        8, ge=2, description="fewer images than this: figures reported, never flagged (noise)"
+    )
+    reference_sample_size: int = Field(
+        400, ge=2, description="at most this many target train/test images as the reference"
+    )
+
+
+class SuggestSection(_Section):
+    """``roadshift label suggest``: which unlabelled images are most worth labelling next."""
+
+    uncertainty: Literal["margin", "entropy"] = Field(
+        "margin", description="margin: 1 - (top1 - top2); entropy: normalised predictive entropy"
+    )
+    uncertainty_weight: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="0: pure diversity (k-center greedy), 1: pure uncertainty; between: "
+        "distance x (weight x uncertainty + 1 - weight)",
+    )
+    near_duplicate_cosine: float = Field(
+        0.02,
+        ge=0,
+        le=1,
+        description="an image this close (cosine distance of embeddings) to a labelled one is a "
+        "near-duplicate, never suggested",
+    )
+    near_duplicate_hash_bits: int = Field(
+        4,
+        ge=0,
+        le=64,
+        description="or its 64-bit difference hash differs from a labelled one's in at most "
+        "this many bits",
+    )
+
+
 class TrackingSection(_Section):
     tracking_uri: str | None = Field(
         None, description="MLflow tracking URI; env MLFLOW_TRACKING_URI wins; default: local SQLite"
@@ -495,6 +557,8 @@ class Params(_Section):
     evaluate: EvaluateSection = EvaluateSection()
     register: RegisterSection = RegisterSection()
     retrain: RetrainSection = RetrainSection()
+    monitor: MonitorSection = MonitorSection()
+    suggest: SuggestSection = SuggestSection()
     tracking: TrackingSection = TrackingSection()
 
 

@@ -332,3 +332,50 @@ def start_mlflow_ui(root: Path, log: Path) -> tuple[subprocess.Popen, str]:
 
 def launch_chromium(playwright):
     return playwright.chromium.launch(executable_path=CHROMIUM, args=list(CHROMIUM_ARGS))
+
+
+# --- a project with a champion, and a webhook that records what it receives --------------------
+
+
+def champion_project(root: Path, params: dict) -> Path:
+    """``make_project`` (git, DVC, tiny synthetic data) with a tiny champion registered in its
+    own MLflow store, under ``params``' model name."""
+    make_project(root, params)
+    register_champion(root, params["register"]["model_name"])
+    return root
+
+
+class WebhookReceiver:
+    """A local HTTP endpoint that keeps every JSON body POSTed to it (``received``)."""
+
+    def __init__(self) -> None:
+        import json
+        import threading
+        from http.server import BaseHTTPRequestHandler, HTTPServer
+
+        received: list[dict] = []
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                received.append(json.loads(body))
+                self.send_response(200)
+                self.end_headers()
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.received = received
+        self.server = HTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def save_block(self, name: str) -> str:
+        """A Prefect Webhook block calling this endpoint (needs a Prefect API); its name."""
+        from prefect.blocks.webhook import Webhook
+
+        Webhook(method="POST", url=self.url, allow_private_urls=True).save(name, overwrite=True)
+        return name
+
+    def close(self) -> None:
+        self.server.shutdown()

@@ -60,3 +60,29 @@ def draw_contact_sheet(
     sheet.save(tmp, format="PNG", optimize=True)
     tmp.replace(out_path)
     return out_path
+
+
+def draw_numbered_sheet(
+    items: list[tuple[Path, str]], out_path: Path, columns: int = 8, cell: int = 96
+) -> Path:
+    """Every image with its caption under it (``#3 give_way 0.41``), in the given order: the
+    sheet a person sorts a labelling batch from."""
+    caption_height = 30
+    rows = max(1, -(-len(items) // columns))
+    width = columns * (cell + GAP) + GAP
+    height = rows * (cell + caption_height + GAP) + GAP
+    sheet = Image.new("RGB", (width, height), (255, 255, 255))
+    draw = ImageDraw.Draw(sheet)
+    for k, (path, caption) in enumerate(items):
+        x = GAP + (k % columns) * (cell + GAP)
+        y = GAP + (k // columns) * (cell + caption_height + GAP)
+        with Image.open(path) as image:
+            thumb = image.convert("RGB").resize((cell, cell), Image.Resampling.BILINEAR)
+        sheet.paste(thumb, (x, y))
+        for line, text in enumerate(caption.split("\n")[:2]):
+            draw.text((x, y + cell + 2 + 14 * line), text[:16], font=_font(12), fill=TEXT)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.with_suffix(".tmp.png")
+    sheet.save(tmp, format="PNG", optimize=True)
+    tmp.replace(out_path)
+    return out_path

@@ -44,6 +44,12 @@ DOMAINS: tuple[str, ...] = ("source", "target")
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 UNLABELED_FOLDER = "target_unlabeled"
 UNLABELED_STREAM = "unlabeled"  # the split key of the pool's generators: none of SPLITS
+PRODUCTION_STREAM = "production"  # the split key of production batches' generators
+# Lighting conditions a production batch can be drawn in. "day" is how every labelled and pool
+# image is drawn; "night" is a visibly different one (dark, blue cast, headlight glow, sensor
+# noise) to test shift monitoring. Only "night" draws extra random numbers, so "day" files stay
+# byte-identical to those written before conditions existed.
+CONDITIONS: tuple[str, ...] = ("day", "night")
 
 Colour = tuple[int, int, int]
 Point = tuple[float, float]
@@ -655,9 +661,12 @@ def _drawing_scale(size: int) -> int:
 
 
 def render_sign_image(
-    domain: str, class_name: str, rng: np.random.Generator, size: int
+    domain: str, class_name: str, rng: np.random.Generator, size: int, condition: str = "day"
 ) -> Image.Image:
-    """One RGB ``size`` x ``size`` photo-like image of ``class_name`` as seen in ``domain``."""
+    """One RGB ``size`` x ``size`` photo-like image of ``class_name`` as seen in ``domain``,
+    in a lighting ``condition`` (``CONDITIONS``)."""
+    if condition not in CONDITIONS:
+        raise ValueError(f"unknown condition {condition!r}; expected one of {CONDITIONS}")
     if domain not in SIGN_PAINTERS:
         raise ValueError(f"unknown domain {domain!r}; expected one of {DOMAINS}")
     if class_name not in SIGN_PAINTERS[domain]:
@@ -670,7 +679,22 @@ def render_sign_image(
     SIGN_PAINTERS[domain][class_name](ImageDraw.Draw(sign), sign_size, rng)
     centre = _place_sign(domain, scene, _worn_sign(domain, sign, rng), rng)
     _occlude(domain, scene, centre, sign_size, rng)
-    return _sensor(domain, _camera(domain, scene, rng, scale), size, rng)
+    array = _camera(domain, scene, rng, scale)
+    if condition == "night":
+        array = _night(array, rng)
+    return _sensor(domain, array, size, rng)
+
+
+def _night(array: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Dark, blue-cast, a headlight glow from below and heavy sensor noise."""
+    side = array.shape[0]
+    rows, cols = np.mgrid[0:side, 0:side].astype(np.float32) / side
+    cx, cy = rng.uniform(0.3, 0.7), rng.uniform(0.8, 1.1)
+    glow = np.exp(-((cols - cx) ** 2 + (rows - cy) ** 2) / rng.uniform(0.05, 0.15))
+    light = rng.uniform(0.12, 0.25) + 0.6 * glow
+    cast = np.array((0.65, 0.8, 1.2), np.float32)
+    dark = array * light[..., None] * cast
+    return dark + rng.normal(0, 14, size=array.shape).astype(np.float32)
 
 
 # --- writing datasets ----------------------------------------------------------------------------
@@ -806,6 +830,30 @@ def add_target_batch(
     return synthesize_domain(
         "target", Path(target_dir), {"train": per_class}, image_size, seed, prefix
     )
+
+
+def synthesize_production_batch(
+    out_dir: Path, per_class: int, image_size: int, seed: int, condition: str, batch_id: str
+) -> list[str]:
+    """A folder of unlabelled target photos as production would send them: ``per_class`` of
+    every class in ``condition`` light, flat files ``<batch_id>-<n:05d>.png`` in a seeded
+    shuffle. Returns each file's class in file order: the answer key, never an input."""
+    if not re.fullmatch(r"[A-Za-z0-9_.]+", batch_id):
+        raise ValueError(f"batch_id {batch_id!r} must be letters, digits, '_' or '.'")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    drawn = [(class_name, index) for class_name in CLASSES for index in range(per_class)]
+    order = image_rng(seed, "target", PRODUCTION_STREAM, batch_id, condition).permutation(
+        len(drawn)
+    )
+    classes = []
+    for number, position in enumerate(order):
+        class_name, index = drawn[position]
+        rng = image_rng(seed, "target", PRODUCTION_STREAM, class_name, batch_id, condition, index)
+        image = render_sign_image("target", class_name, rng, image_size, condition)
+        _write_atomically(out_dir / f"{batch_id}-{number:05d}.png", _png_bytes(image))
+        classes.append(class_name)
+    return classes
 
 
 # --- contact sheet -------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from roadshift.config import DOMAINS, SPLITS, UNLABELED_POOL, Params
-from roadshift.data.dvc_repo import dvc_data_version, open_repo
+from roadshift.data.dvc_repo import domain_folders, dvc_data_version, open_repo
 from roadshift.data.images import ImageLimits
 from roadshift.data.manifest import (
     ImageProblem,
@@ -53,6 +53,9 @@ class DataAddResult:
     copied: tuple[Path, ...]
     old_version: str | None
     new_version: str | None
+    # target only: pool images now labelled, removed from the pool in the same data version
+    removed_from_pool: tuple[Path, ...] = ()
+    pool_versions: tuple[str | None, str | None] | None = None
 
 
 def _visible_dirs(folder: Path) -> list[Path]:
@@ -158,9 +161,10 @@ def copy_planned(plan: list[tuple[Path, Path]]) -> tuple[Path, ...]:
     return tuple(destination for _, destination in plan)
 
 
-def dvc_add(root: Path, folder: Path) -> None:
+def dvc_add(root: Path, folder: Path, *more: Path) -> None:
+    """One ``dvc add`` of every folder given: the new versions are recorded together."""
     with open_repo(root) as repo:
-        repo.add([str(folder)])
+        repo.add([str(folder), *(str(f) for f in more)])
 
 
 def _is_within(path: Path, folder: Path) -> bool:
@@ -190,5 +194,77 @@ def add_domain_data(params: Params, root: Path, domain: str, incoming: Path) -> 
         plan = plan_copies(incoming, domain_dir, params.prepare.extensions)
         check_incoming(plan, params)
         copied = copy_planned(plan)
-    dvc_add(root, domain_dir)
-    return DataAddResult(domain_dir, copied, old_version, dvc_data_version(pointer))
+    pool_dir = unlabeled_pool_dir(params, root) if domain == "target" else None
+    if pool_dir is None:
+        dvc_add(root, domain_dir)
+        return DataAddResult(domain_dir, copied, old_version, dvc_data_version(pointer))
+    removed, pool_versions = drain_labelled_from_pool(params, root, pool_dir, domain_dir)
+    return DataAddResult(
+        domain_dir, copied, old_version, dvc_data_version(pointer), removed, pool_versions
+    )
+
+
+def unlabeled_pool_dir(params: Params, root: Path) -> Path | None:
+    """The unlabelled target pool's folder, if one is configured and exists."""
+    configured = params.data.target.unlabeled_path
+    if configured is None:
+        return None
+    folder = (configured if configured.is_absolute() else root / configured).resolve()
+    return folder if folder.is_dir() else None
+
+
+def drain_labelled_from_pool(
+    params: Params, root: Path, pool_dir: Path, domain_dir: Path
+) -> tuple[tuple[Path, ...], tuple[str | None, str | None]]:
+    """Remove from the pool every image the target tree now holds, then version the target
+    and the pool in one ``dvc add``: a labelled image never stays behind as unlabelled."""
+    from roadshift.data.pool import remove_labelled_from_pool
+
+    pool_pointer = Layout(root).data_pointer(pool_dir)
+    old = dvc_data_version(pool_pointer)
+    removed = remove_labelled_from_pool(pool_dir, [domain_dir], params.prepare.extensions)
+    dvc_add(root, domain_dir, pool_dir)
+    return removed, (old, dvc_data_version(pool_pointer))
+
+
+@dataclass(frozen=True)
+class PoolAddResult:
+    pool_dir: Path
+    copied: tuple[Path, ...]
+    already_in_pool: tuple[Path, ...]
+    already_labelled: tuple[Path, ...]
+    old_version: str | None
+    new_version: str | None
+
+
+def keep_unlabeled_images(
+    params: Params, root: Path, paths: list[Path], batch_name: str
+) -> PoolAddResult:
+    """Copy scored production images into the unlabelled pool (by content: none twice, none
+    already labelled) and record the pool as a new DVC data version."""
+    from roadshift.config import ConfigError
+    from roadshift.data.pool import keep_in_pool
+
+    configured = params.data.target.unlabeled_path
+    if configured is None:
+        raise ConfigError(
+            "data.target.unlabeled_path: not set, so there is no unlabelled pool to keep the "
+            "images in; point it at a folder inside the project (e.g. data/raw/target_unlabeled)"
+        )
+    pool_dir = (configured if configured.is_absolute() else root / configured).resolve()
+    target_dir = params.data.target.path
+    target_dir = (target_dir if target_dir.is_absolute() else root / target_dir).resolve()
+    pointer = Layout(root).data_pointer(pool_dir)
+    old_version = dvc_data_version(pointer)
+    pool_dir.mkdir(parents=True, exist_ok=True)
+    domain_folders(params, root)  # inside the project, not overlapping a labelled tree
+    kept = keep_in_pool(paths, pool_dir, [target_dir], params.prepare.extensions, batch_name)
+    dvc_add(root, pool_dir)
+    return PoolAddResult(
+        pool_dir,
+        kept.copied,
+        kept.already_in_pool,
+        kept.already_labelled,
+        old_version,
+        dvc_data_version(pointer),
+    )
