@@ -25,6 +25,11 @@ OFFLINE_ENV = {
     "PREFECT_SERVER_EPHEMERAL_ENABLED": "true",
 }
 
+# Set before torch is imported, here and (inherited) in every stage subprocess DVC starts:
+# OpenMP threads that wait for work sleep instead of spinning, so two pipelines sharing
+# cores do not burn each other's CPU time in libgomp barriers (docs/pipeline.md).
+RUNTIME_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
+
 # the stage names `roadshift stage` accepts (roadshift.stages.runner.STAGES; kept here so
 # parsing the command line imports no stage code)
 STAGES = ("prepare", "validate", "pretrain", "finetune", "scratch", "evaluate", "register")
@@ -438,7 +443,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """The ``roadshift`` command; ``argv`` None reads the process's arguments."""
-    for key, value in OFFLINE_ENV.items():
+    for key, value in {**OFFLINE_ENV, **RUNTIME_ENV}.items():
         os.environ.setdefault(key, value)
     args = build_parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # to relaunch under torchrun
