@@ -22,7 +22,8 @@ from roadshift.config import Params, load_params, params_to_dict
 from roadshift.jsonio import read_json
 from roadshift.layout import Layout
 from roadshift.registry.lineage import lineage_tags
-from roadshift.tracking import PARENT_RUN_ENV
+from roadshift.supervise import owner_tag
+from roadshift.tracking import OWNER_TAG, PARENT_RUN_ENV
 from tasks.dvc import StageRun, push_to_remote, version_data
 from tasks.registry import register
 from tasks.reports import (
@@ -98,7 +99,11 @@ def training_pipeline(root: str = ".") -> PipelineResult:
     get_run_logger().info("data versions: %s", data_versions)
 
     prefect_tags = {"prefect.flow_run_id": str(flow_run.get_id() or "")}
-    tags = {**lineage_tags(params, root_path, prefect_tags), "roadshift.stage": "pipeline"}
+    tags = {
+        **lineage_tags(params, root_path, prefect_tags),
+        "roadshift.stage": "pipeline",
+        OWNER_TAG: owner_tag(),
+    }
     with explain_tracking_outage(tracking_uri, "running the training pipeline"):
         configure_tracking(params, root_path)
         with mlflow.start_run(run_name="training-pipeline", tags=tags) as parent:

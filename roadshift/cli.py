@@ -49,16 +49,33 @@ def command_stage(args: argparse.Namespace) -> int:
 
 
 def command_run(args: argparse.Namespace) -> int:
+    """Take the project's run lock and supervise the pipeline in a child process (which is
+    this command again, with the supervisor's pipe to watch): roadshift.supervise."""
+    from roadshift import supervise
     from roadshift.data.dvc_repo import domain_folders
+    from roadshift.layout import Layout
 
     root = Path(args.root).resolve()
     # a bad config or unusable data folders fail before Prefect is even imported
     params = load_params(root / "params.yaml")
     domain_folders(params, root)
+    if supervise.watch_supervisor():
+        return _run_pipeline(params, root)
+    with supervise.project_lock(Layout(root).run_lock) as lock_fd:
+        worker = [sys.executable, "-P", "-m", "roadshift", "--root", str(root), "run"]
+        return supervise.supervise(worker, lock_fd)
+
+
+def _run_pipeline(params: Params, root: Path) -> int:
+    from prefect import tags
 
     from flows.pipeline import training_pipeline
+    from flows.recovery import end_abandoned_runs, prefect_run_tags
+    from roadshift.supervise import owner_tag
 
-    training_pipeline(root=str(root))
+    end_abandoned_runs(params, root)
+    with tags(*prefect_run_tags(owner_tag())):
+        training_pipeline(root=str(root))
     return 0
 
 

@@ -73,6 +73,11 @@ class Layout:
         return self.root / ".roadshift" / "cache" / "decoded"
 
     @property
+    def run_lock(self) -> Path:
+        """Held (``fcntl.flock``) by the one ``roadshift run`` working in this project."""
+        return self.root / ".roadshift" / "run.lock"
+
+    @property
     def mlflow_dir(self) -> Path:
         return self.root / "mlruns"
 

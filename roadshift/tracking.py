@@ -22,9 +22,13 @@ from mlflow.entities import LifecycleStage
 from roadshift.config import Params, TrackingSection, params_to_dict
 from roadshift.errors import RoadshiftError
 from roadshift.layout import TRACKING_URI_ENV, Layout, resolve_tracking_uri
+from roadshift.supervise import owner_tag
 
 PARENT_RUN_ENV = "ROADSHIFT_PARENT_RUN_ID"
 STAGE_TAG = "roadshift.stage"
+OWNER_TAG = "roadshift.owner"
+"""host/PID/start time of the process that started a run: a later run ends it as KILLED
+once that process is gone (flows/recovery.py)."""
 RETRIES_ENV = "MLFLOW_HTTP_REQUEST_MAX_RETRIES"
 BACKOFF_ENV = "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"
 TIMEOUT_ENV = "MLFLOW_HTTP_REQUEST_TIMEOUT"
@@ -216,7 +220,7 @@ def stage_run(stage: str, params: Params, root: Path) -> Iterator[mlflow.ActiveR
         run_name=stage,
         parent_run_id=parent_run_id,
         nested=parent_run_id is not None or mlflow.active_run() is not None,
-        tags={STAGE_TAG: stage},
+        tags={STAGE_TAG: stage, OWNER_TAG: owner_tag()},
     ) as run:
         mlflow.log_params(stage_params(stage, params, root))
         yield run
