@@ -72,7 +72,9 @@ def _run_pipeline(params: Params, root: Path) -> int:
     from flows.pipeline import training_pipeline
     from flows.recovery import end_abandoned_runs, prefect_run_tags
     from roadshift.supervise import owner_tag
+    from roadshift.tracking import check_store
 
+    check_store(params, root, must_exist=False, writes=True)
     end_abandoned_runs(params, root)
     with tags(*prefect_run_tags(owner_tag())):
         training_pipeline(root=str(root))
@@ -192,16 +194,16 @@ def command_predict(args: argparse.Namespace) -> int:
 
 def _run_predict(args: argparse.Namespace, params: Params, root: Path) -> int:
     from roadshift.serve import predict
-    from roadshift.tracking import configure_tracking
+    from roadshift.tracking import configure_existing_store
     from roadshift.train.progress import progress_enabled
 
     if args.out:
         predict.output_format(Path(args.out))  # a bad suffix fails before the model loads
     paths = predict.find_images([Path(p) for p in args.inputs], params.prepare.extensions)
-    configure_tracking(params, root)
-    model = predict.load_registry_model(
-        args.model or predict.champion_uri(params.register.model_name)
-    )
+    model_uri = args.model or predict.champion_uri(params.register.model_name)
+    if model_uri.startswith(("models:", "runs:")):  # a path or artifact URI needs no store
+        configure_existing_store(params, root, writes=False)
+    model = predict.load_registry_model(model_uri)
     skipped: list[str] = []
     on_skip = (lambda path, reason: skipped.append(f"{path}: {reason}")) if args.skip_bad else None
     with predict.batch_progress(len(paths), progress_enabled("auto")) as on_batch:
