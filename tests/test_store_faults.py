@@ -131,12 +131,13 @@ def test_predict_reads_a_read_only_store(read_only_store, capsys):
 
 
 @pytest.mark.slow
-def test_run_stops_on_a_truncated_store_before_any_stage(project):
-    from tests.helpers import venv_environment
+def test_run_stops_on_a_truncated_store_before_any_stage(tmp_path, healthy_store):
+    from tests.helpers import TINY_PARAMS, make_project, venv_environment
 
+    project = make_project(tmp_path / "project", TINY_PARAMS)
     db = project / "mlruns" / "mlflow.db"
-    db.write_bytes(db.read_bytes()[:100_000])
-    (project / "data" / "raw").mkdir(parents=True)
+    db.parent.mkdir()
+    db.write_bytes(healthy_store.read_bytes()[:100_000])
     done = subprocess.run(
         ["roadshift", "run"], cwd=project, env=venv_environment(), capture_output=True, text=True
     )
