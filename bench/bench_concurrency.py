@@ -51,7 +51,7 @@ def tiny_params(root: Path) -> None:
     sys.path.insert(0, str(REPO))
     from tests.helpers import TINY_PARAMS
 
-    tiny = _merge(TINY_PARAMS, {"base": {"num_threads": None}})
+    tiny = _merge(TINY_PARAMS, {"base": {"num_threads": 0}})
     params = yaml.safe_load((root / "params.yaml").read_text())
     (root / "params.yaml").write_text(yaml.safe_dump(_merge(params, tiny), sort_keys=False))
     subprocess.run(["git", "commit", "-qam", "tiny params"], cwd=root, check=True)
@@ -62,13 +62,15 @@ def prepared_project(work: Path, tiny: bool) -> Path:
     root = fresh_project(work, worktree=True)
     if tiny:
         tiny_params(root)
-    subprocess.run(
+    done = subprocess.run(
         roadshift("data", "synth", "--if-absent"),
         cwd=root,
         env=environment(root),
-        check=True,
         capture_output=True,
+        text=True,
     )
+    if done.returncode != 0:
+        raise RuntimeError(f"data synth in {root} failed:\n{done.stdout}{done.stderr}")
     return root
 
 
