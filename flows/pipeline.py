@@ -23,7 +23,8 @@ from roadshift.data.mlflow_inputs import log_data_inputs, short_versions
 from roadshift.jsonio import read_metrics
 from roadshift.layout import Layout
 from roadshift.registry.lineage import lineage_tags, uncommitted_dvc_files
-from roadshift.tracking import PARENT_RUN_ENV
+from roadshift.supervise import owner_tag
+from roadshift.tracking import OWNER_TAG, PARENT_RUN_ENV
 from tasks.dvc import StageRun, push_to_remote, version_data
 from tasks.registry import register
 from tasks.reports import (
@@ -110,7 +111,11 @@ def training_pipeline(root: str = ".") -> PipelineResult:
     )
 
     prefect_tags = {"prefect.flow_run_id": str(flow_run.get_id() or "")}
-    tags = {**lineage_tags(params, root_path, prefect_tags), "roadshift.stage": "pipeline"}
+    tags = {
+        **lineage_tags(params, root_path, prefect_tags),
+        "roadshift.stage": "pipeline",
+        OWNER_TAG: owner_tag(),
+    }
     with explain_tracking_outage(tracking_uri, "running the training pipeline"):
         configure_tracking(params, root_path)
         # The run's name says what it is: its data versions, then the version it registered.

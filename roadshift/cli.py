@@ -32,6 +32,11 @@ OFFLINE_ENV = {
     "PREFECT_SERVER_EPHEMERAL_ENABLED": "true",
 }
 
+# Set before torch is imported, here and (inherited) in every stage subprocess DVC starts:
+# OpenMP threads that wait for work sleep instead of spinning, so two pipelines sharing
+# cores do not burn each other's CPU time in libgomp barriers (docs/pipeline.md).
+RUNTIME_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
+
 # the stage names `roadshift stage` accepts (roadshift.stages.runner.STAGES; kept here so
 # parsing the command line imports no stage code)
 STAGES = ("prepare", "validate", "pretrain", "finetune", "scratch", "evaluate", "register")
@@ -62,18 +67,37 @@ def command_stage(args: argparse.Namespace) -> int:
 
 
 def command_run(args: argparse.Namespace) -> int:
+    """Take the project's run lock and supervise the pipeline in a child process (which is
+    this command again, with the supervisor's pipe to watch): roadshift.supervise."""
+    from roadshift import supervise
     from roadshift.data.dvc_repo import domain_folders
+    from roadshift.layout import Layout
 
     root = Path(args.root).resolve()
     # a bad config or unusable data folders fail before Prefect is even imported
     params = load_params(root / "params.yaml")
     domain_folders(params, root)
+    if supervise.watch_supervisor():
+        return _run_pipeline(params, root)
+    with supervise.project_lock(Layout(root).run_lock) as lock_fd:
+        worker = [sys.executable, "-P", "-m", "roadshift", "--root", str(root), "run"]
+        return supervise.supervise(worker, lock_fd)
+
+
+def _run_pipeline(params: Params, root: Path) -> int:
+    from prefect import tags
 
     from flows.pipeline import training_pipeline
+    from flows.recovery import end_abandoned_runs, prefect_run_tags
+    from roadshift.supervise import owner_tag
+    from roadshift.tracking import check_store
 
-    if not verbose_requested(args.verbose):
+    check_store(params, root, must_exist=False, writes=True)
+    end_abandoned_runs(params, root)
+    if not verbose_requested():  # the supervisor passed --verbose on as ROADSHIFT_VERBOSE
         quiet_flow_console()
-    training_pipeline(root=str(root))
+    with tags(*prefect_run_tags(owner_tag())):
+        training_pipeline(root=str(root))
     return 0
 
 
@@ -209,16 +233,16 @@ def command_predict(args: argparse.Namespace) -> int:
 def _run_predict(args: argparse.Namespace, params: Params, root: Path) -> int:
     from roadshift.data.images import ImageLimits
     from roadshift.serve import predict
-    from roadshift.tracking import configure_tracking
+    from roadshift.tracking import configure_existing_store
     from roadshift.train.progress import progress_enabled
 
     if args.out:
         predict.output_format(Path(args.out))  # a bad suffix fails before the model loads
     paths = predict.find_images([Path(p) for p in args.inputs], params.prepare.extensions)
-    configure_tracking(params, root)
-    model = predict.load_registry_model(
-        args.model or predict.champion_uri(params.register.model_name)
-    )
+    model_uri = args.model or predict.champion_uri(params.register.model_name)
+    if model_uri.startswith(("models:", "runs:")):  # a path or artifact URI needs no store
+        configure_existing_store(params, root, writes=False)
+    model = predict.load_registry_model(model_uri)
     skipped: list[str] = []
     on_skip = (lambda path, reason: skipped.append(f"{path}: {reason}")) if args.skip_bad else None
     with predict.batch_progress(len(paths), progress_enabled("auto")) as on_batch:
@@ -613,7 +637,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """The ``roadshift`` command; ``argv`` None reads the process's arguments."""
-    for key, value in OFFLINE_ENV.items():
+    for key, value in {**OFFLINE_ENV, **RUNTIME_ENV}.items():
         os.environ.setdefault(key, value)
     args = build_parser().parse_args(argv)
     set_library_verbosity(verbose_requested(args.verbose))

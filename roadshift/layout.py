@@ -78,6 +78,11 @@ class Layout:
         return self.root / ".roadshift" / "stage-failures" / f"{stage}.json"
 
     @property
+    def run_lock(self) -> Path:
+        """Held (``fcntl.flock``) by the one ``roadshift run`` working in this project."""
+        return self.root / ".roadshift" / "run.lock"
+
+    @property
     def mlflow_dir(self) -> Path:
         return self.root / "mlruns"
 

@@ -8,6 +8,7 @@ through the ``ROADSHIFT_PARENT_RUN_ID`` environment variable.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Iterator, Mapping
@@ -22,9 +23,13 @@ from mlflow.entities import LifecycleStage
 from roadshift.config import Params, TrackingSection, params_to_dict
 from roadshift.errors import RoadshiftError
 from roadshift.layout import TRACKING_URI_ENV, Layout, resolve_tracking_uri
+from roadshift.supervise import owner_tag
 
 PARENT_RUN_ENV = "ROADSHIFT_PARENT_RUN_ID"
 STAGE_TAG = "roadshift.stage"
+OWNER_TAG = "roadshift.owner"
+"""host/PID/start time of the process that started a run: a later run ends it as KILLED
+once that process is gone (flows/recovery.py)."""
 RETRIES_ENV = "MLFLOW_HTTP_REQUEST_MAX_RETRIES"
 BACKOFF_ENV = "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"
 TIMEOUT_ENV = "MLFLOW_HTTP_REQUEST_TIMEOUT"
@@ -233,7 +238,7 @@ def stage_run(stage: str, params: Params, root: Path) -> Iterator[mlflow.ActiveR
         run_name=stage_run_name(stage),
         parent_run_id=parent_run_id,
         nested=parent_run_id is not None or mlflow.active_run() is not None,
-        tags={STAGE_TAG: stage},
+        tags={STAGE_TAG: stage, OWNER_TAG: owner_tag()},
     ) as run:
         mlflow.log_params(stage_params(stage, params, root))
         yield run
@@ -271,18 +276,117 @@ def log_stage_outcome(outcome: Any) -> None:
             mlflow.log_artifact(str(path))
 
 
-def configure_existing_store(params: Params, root: Path) -> str:
+def configure_existing_store(params: Params, root: Path, *, writes: bool = True) -> str:
     """Point MLflow at the project's store as the stage commands do; return the registry URI.
 
-    For commands that read what the pipeline registered: a local SQLite store that does not
-    exist is an error here, never a new empty store.
+    For commands that read what the pipeline registered: a store that is missing, damaged,
+    unreachable or (with ``writes``) read-only is an error here (``check_store``), never a
+    new empty store or a traceback.
+    """
+    uri = check_store(params, root, must_exist=True, writes=writes)
+    if writes:
+        configure_tracking(params, root)
+    else:  # reading needs no experiment, and a read-only store could not create one
+        bound_request_retries(params.tracking)
+        _set_tracking_uri_in_process(uri)
+    return mlflow.get_registry_uri()
+
+
+# --- store faults: one clear line before a command touches the store --------------------------
+
+
+def _sqlite_file(tracking_uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URI; None for any other kind of store."""
+    prefix = "sqlite:///"
+    if not tracking_uri.startswith(prefix) or ":memory:" in tracking_uri:
+        return None
+    return Path(tracking_uri[len(prefix) :].split("?")[0])
+
+
+def _server_fault(tracking_uri: str, timeout_s: float = 5.0) -> str | None:
+    """Why a tracking server does not answer its ``/health``; None when it answers."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{tracking_uri.rstrip('/')}/health", timeout=timeout_s):
+            return None
+    except urllib.error.HTTPError:
+        return None  # it answered, even if with an error status
+    except urllib.error.URLError as error:
+        return str(error.reason)
+    except (OSError, ValueError) as error:
+        return str(error) or type(error).__name__
+
+
+def _sqlite_fault(path: Path, writes: bool) -> str | None:
+    """What is wrong with an existing SQLite store file, in words; None when it is usable.
+
+    Read with SQLite itself (``quick_check``), and for ``writes`` a write lock taken and
+    given back at once (``BEGIN IMMEDIATE``): file modes alone say nothing for root, nor for
+    a read-only mount.
+    """
+    import sqlite3
+
+    if not path.is_file():
+        return "is not a regular file"
+    try:
+        with contextlib.closing(
+            sqlite3.connect(f"{path.as_uri()}?mode={'rw' if writes else 'ro'}", uri=True, timeout=5)
+        ) as db:
+            verdict = db.execute("PRAGMA quick_check").fetchone()[0]
+            if verdict != "ok":
+                return f"is damaged (SQLite quick_check: {verdict})"
+            tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master")}
+            if "experiments" not in tables:
+                return "holds no MLflow tables"
+            if writes:  # rewrite a header field as it is, and take it back
+                version = db.execute("PRAGMA user_version").fetchone()[0]
+                db.execute("BEGIN IMMEDIATE")
+                db.execute(f"PRAGMA user_version = {int(version)}")
+                db.rollback()
+    except sqlite3.OperationalError as error:
+        if "locked" in str(error):
+            return None  # another writer is busy; MLflow waits for it
+        if "readonly" in str(error) or "read-only" in str(error) or "unable to open" in str(error):
+            return f"cannot be written ({error}): check its permissions and its folder's"
+        return f"cannot be read as SQLite ({error})"
+    except sqlite3.DatabaseError as error:  # "file is not a database", "malformed"
+        return f"is not a readable SQLite database ({error})"
+    return None
+
+
+def check_store(params: Params, root: Path, *, must_exist: bool, writes: bool) -> str:
+    """The tracking URI, after checking the store can be used; else one clear error naming
+    the store and the fault (TrackingUnavailableError), before MLflow prints a traceback or
+    quietly creates an empty store.
+
+    ``must_exist``: the command reads what the pipeline registered, so a missing SQLite file
+    is an error, never a new empty store. ``writes``: the command writes (a run, an alias).
     """
     uri = resolve_tracking_uri(params.tracking, root)
-    prefix = "sqlite:///"
-    if uri.startswith(prefix) and not Path(uri[len(prefix) :].split("?")[0]).is_file():
+    if is_tracking_server(uri):
+        fault = _server_fault(uri)
+        if fault is not None:
+            raise TrackingUnavailableError(
+                f"the MLflow tracking server {uri} does not answer ({fault}); start it, or "
+                "point MLFLOW_TRACKING_URI / tracking.tracking_uri at a running one"
+            )
+        return uri
+    path = _sqlite_file(uri)
+    if path is None:
+        return uri  # another database: MLflow's own errors name it
+    if not path.exists():
+        if must_exist:
+            raise TrackingUnavailableError(
+                f"no MLflow store at {path}: nothing is registered yet (run the pipeline "
+                "first, or set tracking.tracking_uri / MLFLOW_TRACKING_URI)"
+            )
+        return uri
+    fault = _sqlite_fault(path, writes)
+    if fault is not None:
         raise TrackingUnavailableError(
-            f"no MLflow store at {uri[len(prefix) :]}: nothing is registered yet "
-            "(run the pipeline first, or set tracking.tracking_uri / MLFLOW_TRACKING_URI)"
+            f"the MLflow store {path} {fault}; restore it from a backup, or point "
+            "MLFLOW_TRACKING_URI / tracking.tracking_uri at a working store"
         )
-    configure_tracking(params, root)
-    return mlflow.get_registry_uri()
+    return uri

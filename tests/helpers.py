@@ -15,6 +15,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -119,6 +120,72 @@ def commit_everything(root: Path, message: str) -> Path:
     git(root, "add", "-A")
     git(root, "commit", "-q", "-m", message)
     return root
+
+
+# --- `roadshift run` as a process ------------------------------------------------------------
+
+
+def start_run(root: Path, tmpdir: Path) -> subprocess.Popen:
+    """``roadshift run`` in ``root`` as its own process; its temporary folders go under
+    ``tmpdir``, so a test can see whether any are left."""
+    tmpdir.mkdir(parents=True, exist_ok=True)
+    env = {**venv_environment(), "TMPDIR": str(tmpdir)}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return subprocess.Popen(
+        ["roadshift", "run"],
+        cwd=root,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def process_tree(pid: int) -> list:
+    """``pid`` and every descendant (psutil.Process objects)."""
+    import psutil
+
+    try:
+        process = psutil.Process(pid)
+        return [process, *process.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def wait_for_stage(run: subprocess.Popen, timeout: float = 300) -> list:
+    """Wait until the run has a ``roadshift stage`` process; the run's whole tree then."""
+    import psutil
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert run.poll() is None, "the run ended before a stage started"
+        tree = process_tree(run.pid)
+        for process in tree:
+            try:
+                if "stage" in process.cmdline():
+                    return tree
+            except psutil.NoSuchProcess:
+                continue
+        time.sleep(0.2)
+    raise AssertionError(f"no stage started within {timeout} s")
+
+
+def still_running(processes: list, timeout: float = 30) -> list[str]:
+    """Those of ``processes`` still alive after ``timeout`` seconds (zombies count as ended)."""
+    import psutil
+
+    deadline = time.monotonic() + timeout
+    while True:
+        alive = []
+        for process in processes:
+            try:
+                if process.is_running() and process.status() != psutil.STATUS_ZOMBIE:
+                    alive.append(f"{process.pid} {' '.join(process.cmdline())}")
+            except psutil.NoSuchProcess:
+                continue
+        if not alive or time.monotonic() > deadline:
+            return alive
+        time.sleep(0.2)
 
 
 # --- a toy problem for the training loop -----------------------------------------------------

@@ -359,11 +359,11 @@ def reproduce_registered(
     import mlflow
     from mlflow import MlflowClient
 
-    from roadshift.tracking import configure_tracking, resolve_tracking_uri
+    from roadshift.tracking import configure_existing_store, resolve_tracking_uri
 
     if (version is None) == (run_id is None):
         raise ValueError("give exactly one of a model version or a run id")
-    configure_tracking(params, root)
+    configure_existing_store(params, root)
     tracking_uri = resolve_tracking_uri(params.tracking, root)
     name = params.register.model_name
     found = _find_version(MlflowClient(), name, version, run_id)

@@ -78,6 +78,20 @@ def resolve_device(choice: str) -> torch.device:
     return torch.device("cpu")
 
 
+def limit_interop_threads(threads: int) -> None:
+    """No more inter-op threads than intra-op ones (torch's default is one per core).
+
+    torch takes this setting once, before any inter-op work; a process that already ran
+    some (a second ``configure_runtime`` in one process) keeps the count it has.
+    """
+    if torch.get_num_interop_threads() <= threads:
+        return
+    try:
+        torch.set_num_interop_threads(threads)
+    except RuntimeError:  # documented: too late once inter-op work has started
+        return
+
+
 def configure_runtime(base: BaseSection) -> torch.device:
     """Seed everything, pin thread counts and join a torchrun group if there is one.
 
@@ -86,7 +100,9 @@ def configure_runtime(base: BaseSection) -> torch.device:
     random.seed(base.seed)
     np.random.seed(base.seed)
     torch.manual_seed(base.seed)
-    torch.set_num_threads(torch_threads(base))
+    threads = torch_threads(base)
+    torch.set_num_threads(threads)
+    limit_interop_threads(threads)
     if base.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)

@@ -1,22 +1,92 @@
 """How many CPU threads a training stage uses.
 
-Thread counts follow the CPUs this process may actually run on (its affinity mask), not
-every core of the machine: a stage started under ``taskset`` or in a container pinned to a
-few cores must not start a thread per core it cannot use.
+Thread counts follow the CPUs this process may actually use: its affinity mask (``taskset``,
+a container pinned to a few cores) and its cgroup CPU quota (a Kubernetes pod limited to 2
+CPUs on a 64-core node, ``docker run --cpus``, ``systemd-run -p CPUQuota=``). A thread per
+core the process cannot use only makes the threads queue behind each other.
 """
 
 from __future__ import annotations
 
+import math
 import os
+from pathlib import Path
 
 from roadshift.config import BaseSection
 
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+OWN_CGROUPS = Path("/proc/self/cgroup")
+
+
+def _quota_v2(folder: Path) -> float | None:
+    """``cpu.max`` holds ``<quota> <period>`` in microseconds, or ``max <period>``."""
+    try:
+        fields = (folder / "cpu.max").read_text().split()
+    except OSError:
+        return None
+    if len(fields) != 2 or fields[0] == "max":
+        return None
+    return int(fields[0]) / int(fields[1])
+
+
+def _quota_v1(folder: Path) -> float | None:
+    """``cpu.cfs_quota_us`` is -1 for no limit; ``cpu.cfs_period_us`` the period."""
+    try:
+        quota = int((folder / "cpu.cfs_quota_us").read_text())
+        period = int((folder / "cpu.cfs_period_us").read_text())
+    except (OSError, ValueError):
+        return None
+    return quota / period if quota > 0 and period > 0 else None
+
+
+def _folders_up(base: Path, relative: str) -> list[Path]:
+    """``base/relative`` and each parent up to ``base``: a parent's quota binds its children."""
+    folder = base / relative.strip("/")
+    found = [folder]
+    while folder != base:
+        folder = folder.parent
+        found.append(folder)
+    return found
+
+
+def cgroup_cpu_quota(
+    cgroup_root: Path = CGROUP_ROOT, own_cgroups: Path = OWN_CGROUPS
+) -> int | None:
+    """CPUs the cgroup quota allows this process (quota / period rounded up, at least 1), or
+    None where no quota is set.
+
+    ``own_cgroups`` is ``/proc/self/cgroup``: ``0::/path`` for cgroup v2, and for v1 one line
+    per hierarchy such as ``4:cpu,cpuacct:/path``. Inside a container the path may not exist
+    under the mounted root (the root *is* the container's cgroup), so the root counts too.
+    """
+    try:
+        lines = own_cgroups.read_text().splitlines()
+    except OSError:
+        lines = []
+    limits: list[float] = []
+    for line in lines:
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        _, controllers, path = parts
+        if controllers == "":
+            limits += [q for f in _folders_up(cgroup_root, path) if (q := _quota_v2(f))]
+        elif "cpu" in controllers.split(","):
+            for mount in {cgroup_root / "cpu", cgroup_root / controllers}:
+                limits += [q for f in _folders_up(mount, path) if (q := _quota_v1(f))]
+    if not lines:  # no /proc: the root alone
+        limits += [q for q in (_quota_v2(cgroup_root), _quota_v1(cgroup_root / "cpu")) if q]
+    return max(1, math.ceil(min(limits))) if limits else None
+
 
 def usable_cpus() -> int:
-    """CPUs this process may run on: its affinity where the OS reports one, else all."""
+    """CPUs this process may use: its affinity (else every CPU), capped by the cgroup quota."""
     if hasattr(os, "sched_getaffinity"):
-        return max(1, len(os.sched_getaffinity(0)))
-    return max(1, os.cpu_count() or 1)
+        cpus = max(1, len(os.sched_getaffinity(0)))
+    else:
+        cpus = max(1, os.cpu_count() or 1)
+    quota = cgroup_cpu_quota()
+    return min(cpus, quota) if quota is not None else cpus
 
 
 def torch_threads(base: BaseSection) -> int:
