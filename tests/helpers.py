@@ -344,7 +344,8 @@ def _wait_for(url: str, process: subprocess.Popen, log: Path) -> None:
     raise RuntimeError(f"no answer from {url} in {UI_START_TIMEOUT_S} s")
 
 
-def _stop(process: subprocess.Popen) -> None:
+def stop_process_group(process: subprocess.Popen) -> None:
+    """SIGTERM to a server's own process group (it and what it started), SIGKILL if it lingers."""
     import signal
 
     try:
@@ -370,12 +371,12 @@ def start_ui(command: list[str], health_url: str, log: Path, env: dict[str, str]
     try:
         _wait_for(health_url, process, log)
     except BaseException:
-        _stop(process)
+        stop_process_group(process)
         raise
     return process
 
 
-stop_ui = _stop
+stop_ui = stop_process_group
 
 
 def start_mlflow_ui(root: Path, log: Path) -> tuple[subprocess.Popen, str]:

@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -21,9 +19,16 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
+from helpers import (
+    CLASSES,
+    PROJECT_ROOT,
+    png_bytes,
+    register_champion,
+    stop_process_group,
+    venv_environment,
+)
 
 from roadshift.registry.register import load_champion
-from tests.helpers import CLASSES, PROJECT_ROOT, png_bytes, register_champion, venv_environment
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
@@ -83,18 +88,6 @@ def wait_for_ping(url: str, process: subprocess.Popen, log: Path) -> None:
     pytest.fail(f"no /ping answer from {url} within {START_TIMEOUT_S} s:\n{_log_tail(log)}")
 
 
-def stop(process: subprocess.Popen) -> None:
-    """SIGTERM to the server's own process group (mlflow and the uvicorn it started)."""
-    try:
-        os.killpg(process.pid, signal.SIGTERM)
-        process.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait(timeout=30)
-    except ProcessLookupError:
-        pass
-
-
 @pytest.fixture(scope="module")
 def store(tmp_path_factory) -> Iterator[tuple[Path, str]]:
     root = tmp_path_factory.mktemp("serving")
@@ -138,7 +131,7 @@ def server(store) -> Iterator[str]:
         wait_for_ping(url, process, log)
         yield url
     finally:
-        stop(process)
+        stop_process_group(process)
 
 
 @pytest.fixture(scope="module")
