@@ -240,8 +240,9 @@ def _run_predict(args: argparse.Namespace, params: Params, root: Path) -> int:
         predict.output_format(Path(args.out))  # a bad suffix fails before the model loads
     paths = predict.find_images([Path(p) for p in args.inputs], params.prepare.extensions)
     model_uri = args.model or predict.champion_uri(params.register.model_name)
-    if model_uri.startswith(("models:", "runs:")):  # a path or artifact URI needs no store
-        configure_existing_store(params, root, writes=False)
+    monitored = args.shift or args.keep_unlabelled  # logs a shift-report run to the store
+    if monitored or model_uri.startswith(("models:", "runs:")):  # a path needs no store
+        configure_existing_store(params, root, writes=monitored)
     model = predict.load_registry_model(model_uri)
     skipped: list[str] = []
     on_skip = (lambda path, reason: skipped.append(f"{path}: {reason}")) if args.skip_bad else None
@@ -629,9 +630,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     except _expected_errors() as error:
         if verbose_requested(args.verbose):
             traceback.print_exc()
-        print(f"roadshift: {error}", file=sys.stderr)
-        if not verbose_requested(args.verbose):
-            print(f"(--verbose or {VERBOSE_ENV}=1 shows the traceback)", file=sys.stderr)
+        print(f"roadshift: {error}", file=sys.stderr)  # one line where the error is one
         return 2
 
 

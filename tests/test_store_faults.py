@@ -144,6 +144,6 @@ def test_run_stops_on_a_truncated_store_before_any_stage(tmp_path, healthy_store
     assert done.returncode == 2, done.stdout + done.stderr
     assert "Traceback" not in done.stderr
     assert done.stderr.splitlines()[-1].startswith(
-        f"roadshift: TrackingUnavailableError: the MLflow store {db} is not a readable SQLite"
+        f"roadshift: the MLflow store {db} is not a readable SQLite"
     )
     assert "Running stage" not in done.stdout

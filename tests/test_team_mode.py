@@ -306,7 +306,6 @@ def test_the_tracking_server_going_away_stops_the_run_clearly_and_a_rerun_comple
     assert pipeline.returncode != 0
     # bounded: a few calls, each retried 3 times over ~7 s, not MLflow's default ~4 minutes
     assert gave_up_after_s < 180, f"gave up only after {gave_up_after_s:.0f} s"
-    assert "TrackingUnavailableError" in output, output[-4000:]
     assert f"MLflow tracking server {tracking_uri} stopped answering" in output
     assert "3 retries" in output
 
