@@ -5,7 +5,6 @@ Helpers (tiny params, throwaway git+DVC projects, toy data) live in tests/helper
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -35,10 +34,11 @@ def pytest_configure(config: pytest.Config) -> None:
     config.stash[_ENVIRONMENT] = patch
     for key, value in {**OFFLINE_ENV, "PREFECT_SERVER_EPHEMERAL_ENABLED": "true"}.items():
         patch.setenv(key, value)
-    if "PREFECT_HOME" not in os.environ:
-        home = tempfile.mkdtemp(prefix="roadshift-prefect-home-")
-        config.stash[_PREFECT_HOME] = home
-        patch.setenv("PREFECT_HOME", home)
+    # Always a throwaway one, also under `make test` (whose PREFECT_HOME is the project's
+    # .prefect): runs the tests start, kill or leave failed stay out of the user's Prefect UI.
+    home = tempfile.mkdtemp(prefix="roadshift-prefect-home-")
+    config.stash[_PREFECT_HOME] = home
+    patch.setenv("PREFECT_HOME", home)
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
