@@ -69,7 +69,11 @@ def mlflow_pages(root: Path, out: Path, browser) -> list[Path]:
 def prefect_page(root: Path, out: Path, browser) -> Path:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    env = {"PREFECT_HOME": os.environ.get("PREFECT_HOME", str(root / ".prefect"))}
+    env = {
+        "PREFECT_HOME": os.environ.get("PREFECT_HOME", str(root / ".prefect")),
+        # the UI calls the API at this address (default: port 4200, not the free one above)
+        "PREFECT_SERVER_UI_API_URL": f"{url}/api",
+    }
     command = [
         str(Path(sys.executable).parent / "prefect"),
         "server",
