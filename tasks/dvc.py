@@ -59,8 +59,15 @@ def version_data(root: Path, params: Params) -> dict[str, str]:
     every ``.dvc`` pointer keeps the version it had."""
     layout = Layout(root)
     folders = domain_folders(params, root)
-    verify_data_folders(params, Path(root), folders)
     with open_repo(root) as repo:
+        # an unchanged folder was scanned when it was versioned: decode only what changed
+        changed = {
+            name: folder
+            for name, folder in folders.items()
+            if not layout.data_pointer(folder).is_file()
+            or repo.status(targets=[str(layout.data_pointer(folder))])
+        }
+        verify_data_folders(params, Path(root), changed)
         repo.add([str(folder) for folder in folders.values()])
     return {
         name: dvc_data_version(layout.data_pointer(folder)) or "unknown"
