@@ -1,4 +1,5 @@
-"""Before a run: mark the runs a killed run left behind as ended, in MLflow and in Prefect.
+"""Before a run: mark the runs a killed run left behind as ended, in MLflow and in Prefect,
+and remove a DVC lock file it left unreadable.
 
 A run killed with SIGKILL (or a machine that lost power) cannot mark its own MLflow runs
 or Prefect flow run as ended; they would show RUNNING forever. Every run records its
@@ -9,6 +10,8 @@ are left alone. ``roadshift run`` calls this while it holds the project's run lo
 
 from __future__ import annotations
 
+import json
+import time
 from pathlib import Path
 
 from roadshift.config import Params
@@ -102,8 +105,39 @@ def crash_abandoned_flow_runs() -> list[str]:
     return crashed
 
 
+def remove_unreadable_dvc_rwlock(root: Path, settle: float = 1.0) -> bool:
+    """Remove DVC's ``.dvc/tmp/rwlock`` when it is not valid JSON; whether it was removed.
+
+    DVC rewrites that file in place each time a stage takes or drops its locks; a process
+    killed during the write leaves half a file, and every later DVC command stops with
+    ``RWLockFileCorruptedError``. Removing it is DVC's own advice for a lock no live process
+    holds, and a file nobody can read holds nothing DVC could honour. Judged twice,
+    ``settle`` seconds apart, so a DVC command writing it right now is left alone.
+    """
+    path = Path(root) / ".dvc" / "tmp" / "rwlock"
+
+    def unreadable() -> bool:
+        try:
+            json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return False
+        except ValueError:  # JSONDecodeError and bytes that are not UTF-8
+            return True
+        return False
+
+    if not unreadable():
+        return False
+    time.sleep(settle)
+    if not unreadable():
+        return False
+    path.unlink(missing_ok=True)
+    return True
+
+
 def end_abandoned_runs(params: Params, root: Path) -> None:
-    """Both of the above; one line each for what was ended."""
+    """The above; one line each for what was ended or repaired."""
+    if remove_unreadable_dvc_rwlock(root):
+        print("removed DVC's lock file .dvc/tmp/rwlock, which a killed run left half-written")
     ended = end_abandoned_mlflow_runs(params, root)
     if ended:
         print(f"marked {len(ended)} MLflow run(s) a killed run left RUNNING as KILLED")

@@ -173,6 +173,25 @@ def remove_run_tmp(folder: str | None) -> None:
         shutil.rmtree(folder, ignore_errors=True)
 
 
+REMOVE_AFTER_GROUP = (
+    'for _ in $(seq 300); do kill -0 "-$1" 2>/dev/null || break; sleep 0.1; done; rm -rf -- "$2"'
+)
+"""sh: wait (at most 30 s) until process group $1 is gone, then remove folder $2."""
+
+
+def remove_run_tmp_after(group: int, folder: str | None) -> None:
+    """Remove a run's temporary folder once process group ``group`` has ended, from a
+    process outside it (the group is about to be killed, this process with it)."""
+    if folder and Path(folder).name.startswith(RUN_TMP_PREFIX):
+        subprocess.Popen(
+            ["sh", "-c", REMOVE_AFTER_GROUP, "remove-run-tmp", str(group), folder],
+            start_new_session=True,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+
+
 # --- the supervisor and its child -------------------------------------------------------------
 
 
@@ -217,6 +236,12 @@ def watch_supervisor() -> bool:
     The thread blocks reading a pipe nobody writes to; end-of-file means the supervisor's
     end was closed, i.e. it died (even by SIGKILL). Then every descendant is killed, the
     temporary folder removed, and last this process's group, which includes itself.
+
+    The group gets one SIGKILL, so the worker and its stage processes stop at one instant.
+    Killed one by one, the worker would outlive its stages for a moment and react to their
+    deaths (DVC records the failed stage and rewrites ``.dvc/tmp/rwlock``); a kill in the
+    middle of that write leaves DVC a lock file it cannot read. The temporary folder is
+    therefore removed by a small process of its own once the group is gone.
     """
     fd_text = os.environ.pop(WATCH_FD_ENV, None)
     if fd_text is None:
@@ -226,11 +251,13 @@ def watch_supervisor() -> bool:
     def watch() -> None:
         while os.read(fd, 1):
             pass
+        group = os.getpgrp()
         for process in _tree(os.getpid()):
-            with contextlib.suppress(psutil.NoSuchProcess):
-                process.kill()
-        remove_run_tmp(os.environ.get("TMPDIR"))
-        os.killpg(os.getpgrp(), signal.SIGKILL)
+            with contextlib.suppress(psutil.NoSuchProcess, ProcessLookupError):
+                if os.getpgid(process.pid) != group:  # left the group: killpg misses it
+                    process.kill()
+        remove_run_tmp_after(group, os.environ.get("TMPDIR"))
+        os.killpg(group, signal.SIGKILL)
 
     threading.Thread(target=watch, name="roadshift-supervisor-watch", daemon=True).start()
     return True

@@ -10,10 +10,12 @@ import os
 import signal
 import socket
 import subprocess
+import time
 
 import pytest
 from mlflow import MlflowClient
 
+from flows.recovery import remove_unreadable_dvc_rwlock
 from roadshift.supervise import Owner, ProjectBusyError, current_owner, project_lock
 from tests.helpers import (
     TINY_PARAMS,
@@ -47,6 +49,40 @@ def test_an_owner_is_gone_once_its_process_ended_and_never_judged_from_another_h
     assert Owner.parse("not an owner") is None
 
 
+def eventually_empty(folder, timeout: float = 30) -> bool:
+    """Whether ``folder`` is empty within ``timeout`` seconds (a killed run's temporary
+    folder is removed just after its processes are gone)."""
+    deadline = time.monotonic() + timeout
+    while any(folder.iterdir()):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
+    return True
+
+
+def test_a_half_written_dvc_lock_file_is_removed_and_a_readable_one_kept(tmp_path):
+    from dvc.repo import Repo
+
+    Repo.init(str(tmp_path), no_scm=True)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "a.txt").write_text("a")
+    with Repo(str(tmp_path)) as repo:
+        repo.add([str(tmp_path / "data")])
+    rwlock = tmp_path / ".dvc" / "tmp" / "rwlock"
+    rwlock.write_text('{"read": {}, "write": {"data": {"pid": 12')
+    with Repo(str(tmp_path)) as repo, pytest.raises(Exception, match="JSON structure is corrupted"):
+        repo.status(targets=[str(tmp_path / "data.dvc")])
+
+    assert remove_unreadable_dvc_rwlock(tmp_path, settle=0.01)
+    with Repo(str(tmp_path)) as repo:
+        assert repo.status(targets=[str(tmp_path / "data.dvc")]) == {}
+    rwlock.write_text('{"read": {}, "write": {}}')
+    assert not remove_unreadable_dvc_rwlock(tmp_path, settle=0.01)
+    assert rwlock.is_file()
+    rwlock.unlink()
+    assert not remove_unreadable_dvc_rwlock(tmp_path, settle=0.01)
+
+
 def runs_by_status(root) -> dict[str, set[str]]:
     client = MlflowClient(f"sqlite:///{root / 'mlruns' / 'mlflow.db'}")
     found: dict[str, set[str]] = {}
@@ -64,8 +100,12 @@ def test_a_killed_run_leaves_nothing_running_and_the_next_run_ends_its_runs(tmp_
     run.send_signal(signal.SIGKILL)
     run.wait()
     assert still_running(tree) == []
-    assert list((tmp_path / "tmp").iterdir()) == []
+    assert eventually_empty(tmp_path / "tmp")
     assert "RUNNING" in runs_by_status(root)
+    # a kill can land while DVC rewrites its lock file (a machine that loses power, the OOM
+    # killer): the next run must not be stopped by the half-written file
+    rwlock = root / ".dvc" / "tmp" / "rwlock"
+    rwlock.write_text('{"write": {"data/prepared": {"pid": 4')
 
     again = subprocess.run(
         ["roadshift", "run"],
@@ -78,6 +118,7 @@ def test_a_killed_run_leaves_nothing_running_and_the_next_run_ends_its_runs(tmp_
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert "run(s) a killed run left RUNNING as KILLED" in again.stdout
     assert "a killed run left running as Crashed" in again.stdout
+    assert "removed DVC's lock file .dvc/tmp/rwlock" in again.stdout
     statuses = runs_by_status(root)
     assert "RUNNING" not in statuses
     assert any(name.startswith("pipeline ") for name in statuses["KILLED"]), statuses
