@@ -32,11 +32,6 @@ OFFLINE_ENV = {
     "PREFECT_SERVER_EPHEMERAL_ENABLED": "true",
 }
 
-# Set before torch is imported, here and (inherited) in every stage subprocess DVC starts:
-# OpenMP threads that wait for work sleep instead of spinning, so two pipelines sharing
-# cores do not burn each other's CPU time in libgomp barriers (docs/pipeline.md).
-RUNTIME_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
-
 # the stage names `roadshift stage` accepts (roadshift.stages.runner.STAGES; kept here so
 # parsing the command line imports no stage code)
 STAGES = ("prepare", "validate", "pretrain", "finetune", "scratch", "evaluate", "register")
@@ -47,7 +42,15 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     return (RoadshiftError, FileNotFoundError)
 
 
+# stages whose work is torch's: how their OpenMP threads wait is chosen before torch loads
+TORCH_STAGES = ("pretrain", "finetune", "scratch", "evaluate")
+
+
 def command_stage(args: argparse.Namespace) -> int:
+    if args.name in TORCH_STAGES:
+        from roadshift.train.runtime import choose_openmp_wait_policy
+
+        choose_openmp_wait_policy()
     from roadshift.stages.failures import clear_stage_failure, record_stage_failure
     from roadshift.stages.runner import run_stage_command
     from roadshift.tracking import PARENT_RUN_ENV
@@ -636,7 +639,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """The ``roadshift`` command; ``argv`` None reads the process's arguments."""
-    for key, value in {**OFFLINE_ENV, **RUNTIME_ENV}.items():
+    for key, value in OFFLINE_ENV.items():
         os.environ.setdefault(key, value)
     args = build_parser().parse_args(argv)
     set_library_verbosity(verbose_requested(args.verbose))

@@ -238,7 +238,13 @@ def stage_run(stage: str, params: Params, root: Path) -> Iterator[mlflow.ActiveR
         run_name=stage_run_name(stage),
         parent_run_id=parent_run_id,
         nested=parent_run_id is not None or mlflow.active_run() is not None,
-        tags={STAGE_TAG: stage, OWNER_TAG: owner_tag()},
+        tags={
+            STAGE_TAG: stage,
+            OWNER_TAG: owner_tag(),
+            # how this stage's OpenMP threads waited (roadshift.train.runtime); never
+            # changes a result, explains a slow or fast stage
+            "roadshift.omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "libgomp default"),
+        },
     ) as run:
         mlflow.log_params(stage_params(stage, params, root))
         yield run

@@ -93,6 +93,7 @@ def test_stage_run_nests_under_the_parent_named_in_the_environment(project, monk
     assert child.info.status == "FINISHED"
     assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
     assert child.data.tags["roadshift.stage"] == "pretrain"
+    assert child.data.tags["roadshift.omp_wait_policy"]  # how its OpenMP threads waited
     assert child.data.params["pretrain.lr"] == str(params.pretrain.lr)
     assert "finetune.lr" not in child.data.params
     history = client.get_metric_history(run.info.run_id, "train_loss")

@@ -96,3 +96,52 @@ def torch_threads(base: BaseSection) -> int:
     run repeatable, so it comes from the config or the machine, never from scheduling.
     """
     return base.num_threads or usable_cpus()
+
+
+# --- how idle OpenMP threads wait -------------------------------------------------------------
+
+SHARED_CPU_LOAD = 0.5
+"""CPUs' worth of work by other processes (on this process's CPUs) from which they count as
+shared."""
+
+
+def others_cpu_load(window: float = 0.3) -> float:
+    """CPUs' worth of time that processes other than this one spent, over ``window`` seconds,
+    on the CPUs this process may run on (its affinity; time stolen by a hypervisor counts)."""
+    import time
+
+    import psutil
+
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+    me = psutil.Process()
+
+    def busy_seconds() -> tuple[float, float]:
+        per_cpu = psutil.cpu_times(percpu=True)
+        chosen = [per_cpu[i] for i in cpus if i < len(per_cpu)] if cpus else per_cpu
+        fields = ("user", "nice", "system", "irq", "softirq", "steal")
+        busy = sum(getattr(times, field, 0.0) for times in chosen for field in fields)
+        own = me.cpu_times()
+        return busy, own.user + own.system
+
+    busy_before, own_before = busy_seconds()
+    time.sleep(window)
+    busy_after, own_after = busy_seconds()
+    return max(0.0, (busy_after - busy_before) - (own_after - own_before)) / window
+
+
+def choose_openmp_wait_policy(window: float = 0.3) -> str | None:
+    """Set ``OMP_WAIT_POLICY=PASSIVE`` when other processes keep this process's CPUs busy;
+    the policy in force afterwards (None: libgomp's default).
+
+    libgomp reads the policy once, when torch loads it, so this runs before torch is imported.
+    Alone, OpenMP threads that spin briefly at each barrier before sleeping (the default) ran
+    the embedded pipeline 1.42x faster than sleeping threads (PASSIVE). Next to another busy
+    job, spinning threads burn the CPU time the thread they wait for needs: pretraining fell
+    about 50x. A policy already set in the environment is the user's choice and is kept. The
+    choice is made at stage start: a job that starts later on the same CPUs meets spinning
+    threads until the stage ends (docs/pipeline.md: set PASSIVE yourself for such machines).
+    The wait policy never changes the numbers a run computes, only how threads wait.
+    """
+    if "OMP_WAIT_POLICY" not in os.environ and others_cpu_load(window) >= SHARED_CPU_LOAD:
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    return os.environ.get("OMP_WAIT_POLICY")
