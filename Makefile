@@ -44,8 +44,12 @@ prefect-ui: $(STAMP)
 screenshots: $(STAMP)
 	PYTHONPATH=$(CURDIR) $(PY) docs/screenshots.py --root . --out docs/img
 
+# Two worker processes (pytest-xdist), each test file whole on one of them so a module's shared
+# project is built once; most tests wait on servers and subprocesses, so two halve the wall time.
+# `make test TEST_WORKERS=0` runs everything in one process.
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 # The unit tier: everything but the slow tests (Prefect flows, dvc repro, real training,
 # servers); a few minutes at most. `make test` runs both tiers.

