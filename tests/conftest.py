@@ -39,6 +39,13 @@ def pytest_configure(config: pytest.Config) -> None:
     home = tempfile.mkdtemp(prefix="roadshift-prefect-home-")
     config.stash[_PREFECT_HOME] = home
     patch.setenv("PREFECT_HOME", home)
+    # Prefect attaches its console handler to the root logger when it is first imported,
+    # writing to whatever sys.stderr is at that moment. Imported here, that is pytest's
+    # capture for the whole session. Imported first inside a test that captures with capsys
+    # (e.g. `roadshift label suggest` in-process), it would be that test's stream, closed
+    # after it, and every later record (a GX INFO line in `data validate`) would fail to print
+    # with a logging traceback: which tests hit it depended on the order files ran in.
+    from prefect import flow  # noqa: F401  (the SDK entry point: sets up its logging)
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
