@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from pathlib import Path
+
+import psutil
 
 from roadshift.config import BaseSection
 
@@ -108,10 +111,6 @@ shared."""
 def others_cpu_load(window: float = 0.3) -> float:
     """CPUs' worth of time that processes other than this one spent, over ``window`` seconds,
     on the CPUs this process may run on (its affinity; time stolen by a hypervisor counts)."""
-    import time
-
-    import psutil
-
     cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
     me = psutil.Process()
 
